@@ -1,0 +1,1 @@
+"""numba kernels of the ``cpu`` backend (imported lazily, on first use)."""

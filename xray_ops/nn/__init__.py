@@ -1,0 +1,5 @@
+"""Modules built on the xray_ops functional ops."""
+
+from .evit import EViTSelect
+
+__all__ = ["EViTSelect"]

@@ -1,0 +1,1 @@
+"""Public functional ops: validation, torch.library registration, autograd, backend tables."""

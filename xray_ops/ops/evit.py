@@ -1,0 +1,178 @@
+"""EViT token reorganization: validation, torch.library registration, autograd, backends.
+
+Public: :func:`evit_select`, :func:`evit_keep_count`. The definition lives in
+:mod:`xray_ops.reference.evit`; the kernels in ``xray_ops.kernels.evit_select`` (Triton),
+``csrc/evit/`` (CUDA) and :mod:`xray_ops.cpu.evit_select` (numba).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _dispatch, _validate
+from .._dispatch import Impl, register
+from ..reference import evit as ref
+
+OP = "evit_select"
+# A whole row of cls_attn is ranked in registers / shared memory.
+MAX_PATCH_TOKENS = 8192
+
+
+def evit_keep_count(n_patch_tokens: int, keep_rate: float) -> int:
+    """Number of patch tokens EViT keeps: ``math.ceil(keep_rate * n_patch_tokens)``.
+
+    n_patch_tokens >= 1, 0 < keep_rate <= 1 (the same formula as EViT's reference code).
+    """
+    _validate.integer(n_patch_tokens, "n_patch_tokens", lo=1)
+    _validate.number(keep_rate, "keep_rate", lo=0.0, hi=1.0, lo_open=True)
+    return math.ceil(keep_rate * n_patch_tokens)
+
+
+def evit_select(x: torch.Tensor, cls_attn: torch.Tensor, keep: int, *, fuse: bool = True):
+    """Keep the ``keep`` patch tokens with the largest CLS attention; fuse the rest.
+
+    Args:
+        x: (B, N, C) float; token 0 is CLS, tokens 1..N-1 are patch tokens. Any strides.
+        cls_attn: (B, N-1), same dtype and device as x: CLS attention to each patch token
+            (mean over heads).
+        keep: 1 <= keep <= N-1.
+        fuse: append the fused token (EViT's "inattentive token fusion").
+
+    Returns:
+        x_out: (B, 1 + keep + fuse, C) = [CLS, kept tokens in keep_idx order, fused token];
+            fused = sum over dropped j of cls_attn[:, j] * x[:, 1 + j] (not renormalised).
+        keep_idx: (B, keep) int64 indices into x[:, 1:], by descending cls_attn (ties: lower
+            index first; NaN ranks first).
+
+    Differentiable in x and cls_attn. Equivalent PyTorch::
+
+        keep_idx = cls_attn.sort(1, descending=True, stable=True).indices[:, :keep]
+        kept = x[:, 1:].gather(1, keep_idx[..., None].expand(-1, -1, C))
+        drop = cls_attn.sort(1, descending=True, stable=True).indices[:, keep:]
+        fused = (cls_attn.gather(1, drop)[..., None]
+                 * x[:, 1:].gather(1, drop[..., None].expand(-1, -1, C))).sum(1, keepdim=True)
+        x_out = torch.cat([x[:, :1], kept, fused], 1)
+    """
+    _validate.tensor(x, "x", ndim=3, floating=True)
+    _validate.tensor(cls_attn, "cls_attn", ndim=2, floating=True)
+    _validate.same_device("x", x, cls_attn=cls_attn)
+    _validate.same_dtype("x", x, cls_attn=cls_attn)
+    B, N, C = x.shape
+    if N < 2:
+        raise ValueError(f"x: expected at least 2 tokens (CLS + 1 patch token) in dim 1, "
+                         f"got shape {tuple(x.shape)}")
+    _validate.shape(cls_attn, "cls_attn", (B, N - 1), "(B, N-1) for x of shape (B, N, C)")
+    _validate.integer(keep, "keep", lo=1, hi=N - 1)
+    _validate.boolean(fuse, "fuse")
+    return torch.ops.xray_ops.evit_select(x, cls_attn, keep, fuse, _dispatch.requested_backend())
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("xray_ops::evit_select", mutates_args=())
+def _evit_select_op(x: torch.Tensor, cls_attn: torch.Tensor, keep: int, fuse: bool,
+                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _dispatch.run(OP, backend, (x, cls_attn, keep, fuse))
+
+
+@_evit_select_op.register_fake
+def _(x, cls_attn, keep, fuse, backend):
+    B, _, C = x.shape
+    return x.new_empty(B, 1 + keep + int(fuse), C), x.new_empty(B, keep, dtype=torch.int64)
+
+
+@torch.library.custom_op("xray_ops::evit_select_backward", mutates_args=())
+def _evit_select_backward_op(grad_out: torch.Tensor, x: torch.Tensor, cls_attn: torch.Tensor,
+                             keep: int, fuse: bool,
+                             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _dispatch.run(OP, backend, (grad_out, x, cls_attn, keep, fuse), backward=True)
+
+
+@_evit_select_backward_op.register_fake
+def _(grad_out, x, cls_attn, keep, fuse, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), \
+        torch.empty_like(cls_attn, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    x, cls_attn, keep, fuse, backend = inputs
+    ctx.save_for_backward(x, cls_attn)
+    ctx.keep, ctx.fuse, ctx.backend = keep, fuse, backend
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_out, _grad_idx):
+    x, cls_attn = ctx.saved_tensors
+    grad_x, grad_cls = _evit_select_backward_op(grad_out, x, cls_attn, ctx.keep, ctx.fuse,
+                                                ctx.backend)
+    return grad_x, grad_cls, None, None, None
+
+
+_evit_select_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# backends
+# ----------------------------------------------------------------------------------------------
+def _check_row_length(x) -> list[str]:
+    n = x.shape[1] - 1
+    return [f"N-1={n} patch tokens exceeds the kernel's limit {MAX_PATCH_TOKENS}"] \
+        if n > MAX_PATCH_TOKENS else []
+
+
+def _triton_forward(x, cls_attn, keep, fuse):
+    from ..kernels import evit_select as k
+
+    return k.evit_select_forward(x, cls_attn, keep, fuse)
+
+
+def _triton_backward(grad_out, x, cls_attn, keep, fuse):
+    from ..kernels import evit_select as k
+
+    return k.evit_select_backward(grad_out, x, cls_attn, keep, fuse)
+
+
+def _cuda_forward(x, cls_attn, keep, fuse):
+    from .. import _ext
+
+    return tuple(_ext.get().evit_select_forward(x, cls_attn, keep, fuse))
+
+
+def _cuda_backward(grad_out, x, cls_attn, keep, fuse):
+    from .. import _ext
+
+    return tuple(_ext.get().evit_select_backward(grad_out, x, cls_attn, keep, fuse))
+
+
+def _cpu_forward(x, cls_attn, keep, fuse):
+    from ..cpu import evit_select as k
+
+    return k.evit_select_forward(x, cls_attn, keep, fuse)
+
+
+def _cpu_backward(grad_out, x, cls_attn, keep, fuse):
+    from ..cpu import evit_select as k
+
+    return k.evit_select_backward(grad_out, x, cls_attn, keep, fuse)
+
+
+def _impl(backend, fwd, bwd, devices, dtypes, check_fwd=None):
+    # forward args (x, cls_attn, keep, fuse); backward args (grad_out, x, cls_attn, keep, fuse)
+    def check(*args):
+        return _check_row_length(args[1] if len(args) == 5 else args[0]) if check_fwd else []
+
+    return register(Impl(op=OP, backend=backend, forward=fwd, backward=bwd,
+                         devices=frozenset(devices), dtypes=frozenset(dtypes),
+                         check=check, key_arg=(0, 1)))
+
+
+_F = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_impl("torch", ref.evit_select, ref.evit_select_backward, {"cpu", "cuda"}, _F)
+_impl("triton", _triton_forward, _triton_backward, {"cuda"}, _F, check_fwd=True)
+_impl("cuda", _cuda_forward, _cuda_backward, {"cuda"},
+      (torch.float16, torch.bfloat16, torch.float32), check_fwd=True)
+_impl("cpu", _cpu_forward, _cpu_backward, {"cpu"}, (torch.float32, torch.float64))
+_dispatch.set_priority(OP, ("cuda", "triton", "cpu", "torch"))
