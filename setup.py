@@ -63,6 +63,22 @@ def _resolve_cuda_home() -> str | None:
     return None
 
 
+def _pip_cuda_include_dirs(cuda_home: str | None) -> list[str]:
+    """Headers of CUDA libraries that torch's headers include (cusparse.h, cublas_v2.h, ...)
+    but a minimal toolkit may lack: pip's nvidia-* wheels ship them."""
+    if cuda_home and os.path.exists(os.path.join(cuda_home, "include", "cusparse.h")):
+        return []
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    dirs = []
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        for inc in sorted(glob.glob(os.path.join(base, "*", "include"))):
+            if os.path.exists(os.path.join(inc, "cusparse.h")):
+                dirs.append(inc)
+    return dirs
+
+
 def _gencode_flags(archs: str) -> tuple[list[str], str]:
     flags, names = [], []
     for a in archs.replace(",", ";").split(";"):
@@ -122,16 +138,18 @@ def _extensions():
         + glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True)
     )
     define = [("XRAY_OPS_CUDA_ARCHS", f'"{arch_names}"')]
+    include_dirs = [os.path.join(ROOT, "csrc")] + _pip_cuda_include_dirs(cuda_home)
     ext = CUDAExtension(
         name="xray_ops._C",
         sources=sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
+        include_dirs=include_dirs,
         define_macros=define,
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
+            # no -std flag: torch's cpp_extension picks the standard its headers need
+            # (C++17 for older torch, C++20 for 2.10+)
+            "cxx": ["-O3"],
             "nvcc": [
                 "-O3",
-                "-std=c++17",
                 "--expt-relaxed-constexpr",
                 "--use_fast_math",
                 "-lineinfo",

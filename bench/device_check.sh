@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The one script for the GPU machine (an H200 without network access).
+#
+#   bench/device_check.sh [OUT_DIR]      (default ./device-out)
+#
+# Installs the project without downloading anything, builds csrc/ for sm_90a with all cores,
+# runs `pytest -m gpu`, runs `python -m bench all --quick`, and leaves in OUT_DIR (at most 8
+# files, for the device tool): summary.txt, bench.csv, pytest_gpu.log, build.log, info.txt and
+# plots.tar.gz. Prints a short table last. Budget: under 8 minutes.
+set -uo pipefail
+OUT=$(mkdir -p "${1:-./device-out}" && cd "${1:-./device-out}" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export XRAY_OPS_CUDA_ARCHS=${XRAY_OPS_CUDA_ARCHS:-90}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export XRAY_OPS_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/summary.txt"; }
+: > "$OUT/summary.txt"
+
+stamp "install (no downloads)"
+XRAY_OPS_SKIP_CUDA_BUILD=1 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . \
+  > "$OUT/build.log" 2>&1 || stamp "pip install failed (see build.log)"
+
+stamp "build csrc for sm_$XRAY_OPS_CUDA_ARCHS with MAX_JOBS=$MAX_JOBS"
+if timeout 300 $PY setup.py build_ext --inplace >> "$OUT/build.log" 2>&1; then
+  stamp "build ok"
+else
+  stamp "BUILD FAILED (tail of build.log below)"; tail -20 "$OUT/build.log"
+fi
+$PY -m xray_ops info > "$OUT/info.txt" 2>&1
+
+stamp "pytest -m gpu"
+timeout 200 $PY -m pytest -m gpu -q -p no:cacheprovider -rfE --durations=10 \
+  > "$OUT/pytest_gpu.log" 2>&1
+stamp "pytest exit $?: $(tail -1 "$OUT/pytest_gpu.log")"
+
+stamp "bench all --quick"
+timeout 240 $PY -m bench all --quick --csv "$OUT/bench.csv" > "$OUT/bench.log" 2>&1
+stamp "bench exit $?"
+$PY -m bench plot --csv "$OUT/bench.csv" --out "$OUT/plots" > /dev/null 2>&1
+tar -czf "$OUT/plots.tar.gz" -C "$OUT" plots bench.log 2>/dev/null && rm -rf "$OUT/plots"
+
+{
+  echo; echo "== info =="; grep -E "device:|cuda |triton |extension" "$OUT/info.txt"
+  echo; echo "== failures =="; grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu.log" | head -15
+  echo; echo "== bench (speedup vs eager) =="
+  grep -E "x$" "$OUT/bench.log" | awk '{print $1, $2, $4, $5, $6, $NF}' | tail -60
+} | tee -a "$OUT/summary.txt"
+stamp "done"

@@ -1,0 +1,12 @@
+"""One module per op; each has ``cases(device, dtype, quick) -> list[Case]``."""
+
+import importlib
+
+# op name -> module under bench.ops
+OPS = {
+    "evit_select": "evit_select",
+}
+
+
+def load(op: str):
+    return importlib.import_module(f"bench.ops.{OPS[op]}")

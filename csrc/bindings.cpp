@@ -1,0 +1,19 @@
+// Python bindings of the extension xray_ops._C. Each op declares its entry points in its own
+// header; the functional layer (xray_ops/ops/*.py) calls them through xray_ops._ext.
+#include <torch/extension.h>
+
+#include "evit/evit_select.h"
+
+#ifndef XRAY_OPS_CUDA_ARCHS
+#define XRAY_OPS_CUDA_ARCHS "unknown"
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "xray_ops CUDA kernels";
+  m.def("cuda_archs", [] { return std::string(XRAY_OPS_CUDA_ARCHS); },
+        "GPU architectures this extension was compiled for");
+  m.def("evit_select_forward", &xray_ops::evit_select_forward,
+        "EViT select forward: (x, cls_attn, keep, fuse) -> (x_out, keep_idx)");
+  m.def("evit_select_backward", &xray_ops::evit_select_backward,
+        "EViT select backward: (grad_out, x, cls_attn, keep, fuse) -> (grad_x, grad_cls)");
+}
