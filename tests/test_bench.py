@@ -1,0 +1,64 @@
+"""The benchmark harness: timing every mode, CSV columns, the table and the plot step."""
+
+import csv
+import os
+
+import torch
+
+from bench import harness
+from bench.ops import OPS, load
+
+
+def _tiny_case():
+    def make():
+        x = torch.randn(4, 9, 8, requires_grad=True)
+        a = torch.rand(4, 8, requires_grad=True)
+        return x, a
+
+    def eager(x, a):
+        return (x[:, 1:] * a[..., None]).sum(1)
+
+    return harness.Case("toy", "B=4", torch.float32, make,
+                        {"eager": eager, "other": lambda x, a: eager(x, a) * 1.0},
+                        bytes={"fwd": 4 * 9 * 8 * 4}, flops={"fwd": 1e3})
+
+
+def test_run_cases_csv_table_and_plot(tmp_path, monkeypatch):
+    case = _tiny_case()
+    rows = harness.run_cases([case], "cpu", quick=True, progress=False)
+    assert {(r.mode, r.backend) for r in rows} == {(m, b) for m in harness.MODES
+                                                   for b in ("eager", "other")}
+    assert all(r.ms > 0 for r in rows)
+    fwd = [r for r in rows if r.mode == "fwd"]
+    assert all(r.gbps and r.tflops for r in fwd)
+    path = harness.append_csv(rows, "cpu", str(tmp_path / "dev.csv"))
+    with open(path) as f:
+        got = list(csv.DictReader(f))
+    assert list(got[0].keys()) == harness.CSV_COLUMNS
+    assert len(got) == len(rows) and got[0]["torch"] == torch.__version__
+    table = harness.format_table(rows, [case])
+    assert "vs eager" in table and "1.00x" in table
+    from bench.plot import plot_csv
+
+    pngs = plot_csv(path, str(tmp_path))
+    assert pngs and all(os.path.getsize(p) > 1000 for p in pngs)
+
+
+def test_failing_implementation_is_reported_not_fatal():
+    case = _tiny_case()
+
+    def broken(x, a):
+        raise RuntimeError("kernel exploded")
+
+    case.impls["broken"] = broken
+    rows = harness.run_cases([case], "cpu", quick=True, modes=("fwd",), progress=False)
+    assert {r.backend for r in rows} == {"eager", "other"}
+    assert "kernel exploded" in case.skipped["broken/fwd"]
+
+
+def test_every_registered_op_builds_its_cases_on_cpu():
+    for op in OPS:
+        cases = load(op).cases("cpu", torch.float32, quick=True)
+        assert cases, op
+        for c in cases:
+            assert "eager" in c.impls

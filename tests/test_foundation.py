@@ -1,0 +1,177 @@
+"""The floor every op stands on: lean import, info, backend selection, NVTX, the build."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import xray_ops as xo
+from xray_ops import _dispatch, _ext
+from xray_ops.testing import assert_close_to_reference, compare
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    e = dict(os.environ)
+    e.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=e, cwd=ROOT, timeout=300)
+
+
+def test_import_initialises_no_cuda():
+    code = """
+import torch, torch.cuda
+def boom(*a, **k):
+    raise AssertionError("CUDA was queried during import")
+for name in ("current_device", "device_count", "get_device_properties",
+             "get_device_capability", "is_available", "init", "_lazy_init"):
+    setattr(torch.cuda, name, boom)
+import sys
+import xray_ops
+assert "triton" not in sys.modules, "triton imported eagerly"
+assert "xray_ops._C" not in sys.modules, "extension imported eagerly"
+assert "numba" not in sys.modules, "numba imported eagerly"
+print("ok")
+"""
+    r = _python(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
+
+
+def test_info_reports_every_backend():
+    d = xo.info()
+    assert set(d["backends"]) == {"torch", "triton", "cuda", "cpu"}
+    for name, b in d["backends"].items():
+        assert isinstance(b["available"], bool) and isinstance(b["reason"], str) and b["reason"]
+    assert d["backends"]["torch"]["available"]
+    assert d["versions"]["torch"] == torch.__version__
+    assert "evit_select" in d["ops"]
+    assert {"built", "archs", "reason"} <= set(d["extension"])
+    if not torch.cuda.is_available():
+        assert not d["backends"]["cuda"]["available"]
+
+
+def test_info_cli_text_and_json():
+    r = subprocess.run([sys.executable, "-m", "xray_ops", "info"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for word in ("backends:", "torch", "triton", "cuda", "cpu", "extension xray_ops._C"):
+        assert word in r.stdout
+    r = subprocess.run([sys.executable, "-m", "xray_ops", "info", "--json"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=120)
+    assert json.loads(r.stdout)["backends"]["torch"]["available"] is True
+
+
+def test_extension_is_built_where_nvcc_is_present():
+    """make test builds csrc/ before the suite; where nvcc and a CUDA torch exist it must load."""
+    if os.environ.get("XRAY_OPS_SKIP_CUDA_BUILD") == "1":
+        pytest.skip("XRAY_OPS_SKIP_CUDA_BUILD=1")
+    if shutil.which("nvcc") is None or torch.version.cuda is None:
+        pytest.skip("no nvcc or CPU-only torch: the cuda backend is legitimately absent")
+    st = _ext.status()
+    assert st["built"], st["reason"]
+    assert "sm_" in st["archs"]
+    assert hasattr(_ext.get(), "evit_select_forward")
+
+
+def test_backend_context_and_set_backend():
+    assert _dispatch.requested_backend() == "auto"
+    with xo.backend("torch"):
+        assert _dispatch.requested_backend() == "torch"
+        with xo.backend("cpu"):
+            assert _dispatch.requested_backend() == "cpu"
+        assert _dispatch.requested_backend() == "torch"
+    assert _dispatch.requested_backend() == "auto"
+    xo.set_backend("torch")
+    assert _dispatch.requested_backend() == "torch"
+    for bad in ("gpu", "", None, 3):
+        with pytest.raises(ValueError, match="expected one of"):
+            xo.set_backend(bad)
+        with pytest.raises(ValueError, match="expected one of"):
+            with xo.backend(bad):
+                pass
+
+
+def test_backward_uses_the_backend_requested_at_forward():
+    x = torch.randn(2, 6, 3, requires_grad=True)
+    a = torch.rand(2, 5)
+    with xo.backend("torch"):
+        out, _ = xo.evit_select(x, a, 2)
+    out.sum().backward()  # outside the block
+    assert xo.last_backend("evit_select.backward") == "torch"
+
+
+def test_env_backend_and_bad_env_value():
+    code = ("import torch, xray_ops as xo; x=torch.randn(2,5,3); a=torch.rand(2,4);"
+            "xo.evit_select(x,a,2); print(xo.last_backend('evit_select'))")
+    r = _python(code, XRAY_OPS_BACKEND="torch")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "torch"
+    r = _python(code, XRAY_OPS_BACKEND="nope")
+    assert r.returncode != 0
+    assert "XRAY_OPS_BACKEND: expected one of" in r.stderr
+
+
+def test_last_backend_errors():
+    with pytest.raises(ValueError, match="unknown op"):
+        xo.last_backend("no_such_op")
+
+
+def test_nvtx_ranges_enabled_path_runs():
+    code = ("import torch, xray_ops as xo; from xray_ops import _nvtx; assert _nvtx.ENABLED;"
+            "x=torch.randn(2,5,3,requires_grad=True); a=torch.rand(2,4);"
+            "o,_=xo.evit_select(x,a,2); o.sum().backward(); print('ok')")
+    r = _python(code, XRAY_OPS_NVTX="1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
+
+
+def test_no_backend_error_lists_every_reason():
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    a = torch.rand(2, 4, dtype=torch.float64)
+    reasons = _dispatch.reasons_for("evit_select", (x, a, 2, True))
+    assert reasons["torch"] == [] and reasons["cpu"] == []
+    assert any("device cpu" in r for r in reasons["cuda"])
+    with pytest.raises(xo.BackendError, match="forced backend 'cuda' cannot take these inputs"):
+        _dispatch.select("evit_select", "cuda", (x, a, 2, True))
+    # auto never runs the Triton interpreter; forced, it may (when TRITON_INTERPRET=1)
+    assert any("auto" in r or "TRITON_INTERPRET" in r
+               for r in _dispatch._reasons(_dispatch._IMPLS["evit_select"]["triton"],
+                                           (x, a, 2, True), auto=True, backward=False))
+
+
+# ----------------------------------------------------------------------------------------------
+# the comparison helper must catch what it claims to catch
+# ----------------------------------------------------------------------------------------------
+def test_compare_accepts_within_budget_and_reports_worst():
+    ref = torch.randn(50, 7, dtype=torch.float64)
+    base = ref.float()
+    assert compare(ref.float(), ref, base) is None
+    bad = ref.float().clone()
+    bad[3, 4] += 0.5
+    report = compare(bad, ref, base)
+    assert report is not None and "1 of 350 elements" in report and "(3, 4)" in report
+    with pytest.raises(AssertionError, match="exceed the allowed error"):
+        assert_close_to_reference(bad, ref, base)
+
+
+def test_compare_catches_nan_inf_and_shape():
+    ref = torch.randn(4, 4, dtype=torch.float64)
+    a = ref.clone()
+    a[1, 1] = float("nan")
+    assert "NaN disagreement" in compare(a, ref)
+    a = ref.clone()
+    a[2, 2] = float("inf")
+    assert "Inf disagreement" in compare(a, ref)
+    r2 = ref.clone()
+    r2[2, 2] = -float("inf")
+    a[2, 2] = float("inf")
+    assert "Inf disagreement" in compare(a, r2)
+    r2[2, 2] = float("inf")
+    assert compare(a, r2) is None
+    assert "shape" in compare(ref[:2], ref)
