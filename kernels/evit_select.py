@@ -12,9 +12,29 @@ reduction over channels, so a program owns a block of tokens and walks every cha
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+# Autotuned on the GPU; the interpreter (TRITON_INTERPRET=1, read at import like @triton.jit)
+# would time every config, so it gets the first one only.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs(space):
+    cfgs = [triton.Config(dict(kw), num_warps=w) for kw, w in space]
+    return cfgs[:1] if _INTERPRET else cfgs
+
+
+# forward: channels per program (more channels = fewer redundant rankings of the row)
+_FWD_SPACE = [((("BLOCK_C", 256), ("BLOCK_J", 16)), 4), ((("BLOCK_C", 128), ("BLOCK_J", 16)), 4),
+              ((("BLOCK_C", 512), ("BLOCK_J", 16)), 8), ((("BLOCK_C", 256), ("BLOCK_J", 32)), 8),
+              ((("BLOCK_C", 1024), ("BLOCK_J", 8)), 8)]
+# backward: tokens per program (the grid) and channels per step
+_BWD_SPACE = [((("BLOCK_J", 16), ("BLOCK_C", 128)), 4), ((("BLOCK_J", 8), ("BLOCK_C", 256)), 4),
+              ((("BLOCK_J", 32), ("BLOCK_C", 128)), 8), ((("BLOCK_J", 16), ("BLOCK_C", 256)), 8)]
 
 
 @triton.jit
@@ -44,6 +64,7 @@ def _rank_in_row(
     return rank
 
 
+@triton.autotune(configs=_configs(_FWD_SPACE), key=["P", "C", "keep"])
 @triton.jit
 def _evit_select_fwd_kernel(
     X_ptr,  # tokens, shape (B, N, C), any strides
@@ -104,6 +125,7 @@ def _evit_select_fwd_kernel(
                  fused.to(OUT_ptr.dtype.element_ty), mask=mask_c)
 
 
+@triton.autotune(configs=_configs(_BWD_SPACE), key=["P", "C", "keep"])
 @triton.jit
 def _evit_select_bwd_kernel(
     GO_ptr,  # grad of x_out, shape (B, 1 + keep + FUSE, C), any strides (may be expanded)
@@ -167,10 +189,6 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _block_c(C: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(max(C, 1))))
-
-
 def evit_select_forward(x: torch.Tensor, cls_attn: torch.Tensor, keep: int, fuse: bool):
     """x (B, N, C), cls_attn (B, N-1) -> (x_out (B, 1+keep+fuse, C), keep_idx (B, keep))."""
     B, N, C = x.shape
@@ -179,15 +197,15 @@ def evit_select_forward(x: torch.Tensor, cls_attn: torch.Tensor, keep: int, fuse
     idx = torch.empty(B, keep, device=x.device, dtype=torch.int64)
     if B == 0:
         return out, idx
-    BLOCK_C = _block_c(C, 256)
     # C == 0 still needs one program per row to write keep_idx
-    grid = (B, max(1, triton.cdiv(C, BLOCK_C)))
+    def grid(meta):
+        return (B, max(1, triton.cdiv(C, meta["BLOCK_C"])))
+
     _evit_select_fwd_kernel[grid](
         x, cls_attn, out, idx, P, C, keep,
         x.stride(0), x.stride(1), x.stride(2), cls_attn.stride(0), cls_attn.stride(1),
         out.stride(0), out.stride(1),
-        FUSE=fuse, ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_J=16, BLOCK_I=64, BLOCK_C=BLOCK_C,
-        num_warps=4,
+        FUSE=fuse, ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_I=64,
     )
     return out, idx
 
@@ -201,13 +219,13 @@ def evit_select_backward(grad_out: torch.Tensor, x: torch.Tensor, cls_attn: torc
     grad_a = torch.empty(B, P, device=x.device, dtype=cls_attn.dtype)
     if B == 0:
         return grad_x, grad_a
-    BLOCK_J = 16
-    grid = (B, triton.cdiv(P, BLOCK_J))
+    def grid(meta):
+        return (B, triton.cdiv(P, meta["BLOCK_J"]))
+
     _evit_select_bwd_kernel[grid](
         grad_out, x, cls_attn, grad_x, grad_a, P, C, keep,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         x.stride(0), x.stride(1), x.stride(2), cls_attn.stride(0), cls_attn.stride(1),
-        FUSE=fuse, ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_J=BLOCK_J, BLOCK_I=64,
-        BLOCK_C=_block_c(C, 128), num_warps=4,
+        FUSE=fuse, ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_I=64,
     )
     return grad_x, grad_a
