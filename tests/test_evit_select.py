@@ -163,6 +163,8 @@ def test_bad_inputs_name_the_argument():
         xo.evit_select(x, a, 3.0)
     with pytest.raises(TypeError, match="fuse: expected a bool"):
         xo.evit_select(x, a, 3, fuse=1)
+    with pytest.raises(ValueError, match="cls_attn: expected a tensor on cpu"):
+        xo.evit_select(x, a.to("meta"), 3)
     with pytest.raises(ValueError, match="x: expected at least 2 tokens"):
         xo.evit_select(torch.randn(2, 1, 4), torch.rand(2, 0), 1)
 
