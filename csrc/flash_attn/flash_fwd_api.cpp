@@ -1,10 +1,12 @@
 // Host side of the flash attention forward: argument checks (all before any launch), output
 // allocation, the edge cases without a launch, and dispatch on (dtype, head dim).
 // A .cpp (host compiler) on purpose: only the flash_fwd_hdim*.cu files carry device code.
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+// Narrow headers instead of <ATen/ATen.h> (all operators): this file compiles in seconds.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <cmath>
 #include <cstdint>
@@ -99,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward(const at::Tensor& q,
   TORCH_CHECK(grid <= kIntMax, kOp, "q: B * H * ceil(Nq / ", flash::kBlockM,
               ") must be below 2^31, got ", grid, " (shape ", q.sizes(), ")");
 
-  const at::cuda::CUDAGuard guard(q.device());
+  const c10::cuda::CUDAGuard guard(q.device());
   auto out = at::empty({B, H, Nq, D}, q.options());
   auto lse = at::empty({B, H, Nq}, q.options().dtype(at::kFloat));
   if (B * H * Nq == 0) return {out, lse};
@@ -135,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward(const at::Tensor& q,
   p.causal = causal;
   p.vec16 = rows_16b_aligned(q) && rows_16b_aligned(k) && rows_16b_aligned(v);
 
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool half = q.scalar_type() == at::kHalf;
   cudaError_t err = cudaSuccess;
   switch (D) {
