@@ -40,11 +40,13 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 // One kBlockN x D tile into shared memory (pitch smem_pitch(D)). g: this thread's first
 // element (row load_row(tid, 0, D), column load_col(tid, D)) of the tile's global rows,
-// g_step = load_rows_per_step(D) * row stride; rows from `rows_valid` on are zero-filled.
-// s: this thread's first element in shared memory.
+// g_step = load_rows_per_step(D) * row stride; rows from `rows_valid` on are zero-filled
+// (cp.async with src-size 0, given `safe`, an address inside the tensor, rather than the
+// out-of-range row). s: this thread's first element in shared memory.
 template <int D>
 __device__ __forceinline__ void load_tile(uint16_t* s, const uint16_t* g, int64_t g_step,
-                                          int row0, int rows_valid, bool vec16) {
+                                          int row0, int rows_valid, bool vec16,
+                                          const uint16_t* safe) {
   constexpr int P = smem_pitch(D);
   constexpr int kRowsPerStep = load_rows_per_step(D);
 #pragma unroll
@@ -52,7 +54,7 @@ __device__ __forceinline__ void load_tile(uint16_t* s, const uint16_t* g, int64_
     const bool valid = row0 + i * kRowsPerStep < rows_valid;
     uint16_t* dst = s + i * kRowsPerStep * P;
     if (vec16) {
-      cp_async_16(smem_addr(dst), g, valid);  // nothing is read when !valid
+      cp_async_16(smem_addr(dst), valid ? g : safe, valid);
     } else {  // rows not 16-byte aligned: plain 2-byte loads, one 16-byte shared store
       uint32_t w[4];
 #pragma unroll
@@ -70,7 +72,9 @@ template <int D>
 struct KVLoader {
   const uint16_t* k;  // this thread's element of key row row0 in block 0
   const uint16_t* v;
-  const float* bias;  // key bias of key `tid` of block 0, or nullptr
+  const uint16_t* k_safe;  // first element of this (batch, head): always inside the tensor
+  const uint16_t* v_safe;
+  const float* bias;  // key bias row of this batch, or nullptr
   int64_t k_row, v_row, bias_key;  // strides of one key
   int row0, smem_off, n_k, tid;
   bool active, vec16;
@@ -80,13 +84,13 @@ struct KVLoader {
     const int rows = n_k - n_start;
     if (active) {
       load_tile<D>(sK + smem_off, k + n_start * k_row, load_rows_per_step(D) * k_row, row0,
-                   rows, vec16);
+                   rows, vec16, k_safe);
       load_tile<D>(sV + smem_off, v + n_start * v_row, load_rows_per_step(D) * v_row, row0,
-                   rows, vec16);
+                   rows, vec16, v_safe);
     }
     if (bias != nullptr && tid < kBlockN) {
       const bool valid = tid < rows;
-      cp_async_4(smem_addr(sB + tid), bias + (valid ? n_start * bias_key : 0), valid);
+      cp_async_4(smem_addr(sB + tid), bias + (valid ? (n_start + tid) * bias_key : 0), valid);
     }
   }
 };
@@ -132,9 +136,11 @@ __global__ void __launch_bounds__(kNumThreads, min_ctas_per_sm(D))
   const bool load_active_ = load_active(tid, D);
   const int smem_off = row0 * P + col0;
   KVLoader<D> kv;
-  kv.k = p.k + b * p.k_stride_b + h * p.k_stride_h + row0 * p.k_stride_n + col0;
-  kv.v = p.v + b * p.v_stride_b + h * p.v_stride_h + row0 * p.v_stride_n + col0;
-  kv.bias = bias == nullptr ? nullptr : bias + (tid < kBlockN ? tid : 0) * p.bias_stride_n;
+  kv.k_safe = p.k + b * p.k_stride_b + h * p.k_stride_h;
+  kv.v_safe = p.v + b * p.v_stride_b + h * p.v_stride_h;
+  kv.k = kv.k_safe + row0 * p.k_stride_n + col0;
+  kv.v = kv.v_safe + row0 * p.v_stride_n + col0;
+  kv.bias = bias;
   kv.k_row = p.k_stride_n;
   kv.v_row = p.v_stride_n;
   kv.bias_key = p.bias_stride_n;
@@ -147,10 +153,9 @@ __global__ void __launch_bounds__(kNumThreads, min_ctas_per_sm(D))
 
   // 1. Q and key block 0, then Q into registers, then block 1 over Q's buffer.
   if (load_active_) {
-    const uint16_t* q = p.q + b * p.q_stride_b + h * p.q_stride_h +
-                        (m_start + row0) * p.q_stride_n + col0;
-    load_tile<D>(sQ + smem_off, q, load_rows_per_step(D) * p.q_stride_n, row0, p.n_q - m_start,
-                 p.vec16);
+    const uint16_t* q_safe = p.q + b * p.q_stride_b + h * p.q_stride_h;
+    load_tile<D>(sQ + smem_off, q_safe + (m_start + row0) * p.q_stride_n + col0,
+                 load_rows_per_step(D) * p.q_stride_n, row0, p.n_q - m_start, p.vec16, q_safe);
   }
   kv.load(0, smem, smem + kTile, sBias);
   cp_async_commit();
