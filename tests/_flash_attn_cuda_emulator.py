@@ -270,11 +270,13 @@ int main() {
     std::printf(",\n\"load_row_%d\": [", d);
     for (int tid = 0; tid < kNumThreads; ++tid) {
       std::printf("%s[", tid ? ", " : "");
-      for (int s = 0; s < load_steps(d); ++s) std::printf("%s%d", s ? ", " : "", load_row(tid, s, d));
+      for (int s = 0; s < load_steps(d); ++s)
+        std::printf("%s%d", s ? ", " : "", load_row(tid, s, d));
       std::printf("]");
     }
     std::printf("],\n\"load_col_%d\": [", d);
-    for (int tid = 0; tid < kNumThreads; ++tid) std::printf("%s%d", tid ? ", " : "", load_col(tid, d));
+    for (int tid = 0; tid < kNumThreads; ++tid)
+      std::printf("%s%d", tid ? ", " : "", load_col(tid, d));
     std::printf("],\n\"load_active_%d\": [", d);
     for (int tid = 0; tid < kNumThreads; ++tid)
       std::printf("%s%d", tid ? ", " : "", int(load_active(tid, d)));
@@ -418,10 +420,9 @@ def emulate_cta(Q, K, V, bias, scale, causal, m_block, round_p=lambda x: x, smem
             l = l_run[w][:, r].copy()
             l = l + _shfl_xor(l, 1)
             l = l + _shfl_xor(l, 2)
-            with np.errstate(divide="ignore"):
-                inv_l[:, r] = np.where(l == 0, 0.0, 1.0 / np.where(l == 0, 1.0, l))
-                val = np.where(l == 0, -np.inf, (m_run[w][:, r] + np.log2(np.where(l == 0, 1, l)))
-                               * LN2)
+            safe_l = np.where(l == 0, 1.0, l)
+            inv_l[:, r] = np.where(l == 0, 0.0, 1.0 / safe_l)
+            val = np.where(l == 0, -np.inf, (m_run[w][:, r] + np.log2(safe_l)) * LN2)
             i = w * 16 + acc_row(LANES, 2 * r)
             for lane in range(0, 32, 4):
                 if i[lane] < rows:

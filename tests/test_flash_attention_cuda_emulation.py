@@ -57,7 +57,8 @@ def test_ptx_fragment_tables_cover_each_tile_once():
         [(r, c) for r in range(16) for c in range(8)]
     # the model's mma is a matrix product
     rng = np.random.default_rng(0)
-    A, B, C = rng.standard_normal((16, 16)), rng.standard_normal((16, 8)), rng.standard_normal((16, 8))
+    A = rng.standard_normal((16, 16))
+    B, C = rng.standard_normal((16, 8)), rng.standard_normal((16, 8))
     a = A[emu.A_COORDS[..., 0], emu.A_COORDS[..., 1]]
     b = B[emu.B_COORDS[..., 0], emu.B_COORDS[..., 1]]
     c = C[emu.C_COORDS[..., 0], emu.C_COORDS[..., 1]]

@@ -33,10 +33,8 @@ namespace xray_ops {
 //   A row whose logits are all -inf (e.g. key_bias = -inf on every key): out = 0, lse = -inf
 //   (the reference's softmax would give NaN there; this is flash-attn's convention).
 //   NaN in q, k or v propagates to the rows it touches.
-std::tuple<at::Tensor, at::Tensor> flash_attention_forward(const at::Tensor& q,
-                                                           const at::Tensor& k,
-                                                           const at::Tensor& v,
-                                                           const c10::optional<at::Tensor>& key_bias,
-                                                           double scale, bool causal);
+std::tuple<at::Tensor, at::Tensor> flash_attention_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const c10::optional<at::Tensor>& key_bias, double scale, bool causal);
 
 }  // namespace xray_ops

@@ -45,11 +45,9 @@ bool rows_16b_aligned(const at::Tensor& t) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> flash_attention_forward(const at::Tensor& q,
-                                                           const at::Tensor& k,
-                                                           const at::Tensor& v,
-                                                           const c10::optional<at::Tensor>& key_bias,
-                                                           double scale, bool causal) {
+std::tuple<at::Tensor, at::Tensor> flash_attention_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const c10::optional<at::Tensor>& key_bias, double scale, bool causal) {
   check_qkv(q, "q");
   check_qkv(k, "k");
   check_qkv(v, "v");
