@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "evit/evit_select.h"
+#include "flash_attn/flash_fwd.h"
 
 #ifndef XRAY_OPS_CUDA_ARCHS
 #define XRAY_OPS_CUDA_ARCHS "unknown"
@@ -16,4 +17,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "EViT select forward: (x, cls_attn, keep, fuse) -> (x_out, keep_idx)");
   m.def("evit_select_backward", &xray_ops::evit_select_backward,
         "EViT select backward: (grad_out, x, cls_attn, keep, fuse) -> (grad_x, grad_cls)");
+  m.def("flash_attention_forward", &xray_ops::flash_attention_forward,
+        "Flash attention forward: (q, k, v, key_bias, scale, causal) -> (out, lse)",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("key_bias"),
+        pybind11::arg("scale"), pybind11::arg("causal"));
 }
