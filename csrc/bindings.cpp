@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "evit/evit_select.h"
+#include "int8/int8.h"
 
 #ifndef XRAY_OPS_CUDA_ARCHS
 #define XRAY_OPS_CUDA_ARCHS "unknown"
@@ -16,4 +17,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "EViT select forward: (x, cls_attn, keep, fuse) -> (x_out, keep_idx)");
   m.def("evit_select_backward", &xray_ops::evit_select_backward,
         "EViT select backward: (grad_out, x, cls_attn, keep, fuse) -> (grad_x, grad_cls)");
+  m.def("int8_quantize_per_token", &xray_ops::int8_quantize_per_token,
+        "per-token int8 quantization: x (M, K) -> (x_q int8 (M, K), scale float32 (M, 1))");
+  m.def("int8_layernorm_quant", &xray_ops::int8_layernorm_quant,
+        "LayerNorm + per-token int8 quantization: (x, weight, bias, eps) -> (x_q, scale)");
+  m.def("int8_matmul", &xray_ops::int8_matmul,
+        "int8 GEMM + fused epilogue: (a_q, b_q, a_scale, b_scale, bias, out_dtype, gelu) -> out");
 }
