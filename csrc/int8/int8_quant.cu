@@ -185,20 +185,29 @@ LaunchShape launch_shape(const at::Tensor& x, int64_t K) {
   return {vec, np, threads};
 }
 
-// Runtime (VEC, NP) -> template instantiation.
+// Runtime (VEC, NP) -> template instantiation; only the shapes a row of at most kMaxRow
+// elements can need are compiled (larger NP x VEC would only spill registers).
 template <typename T, typename F>
 void dispatch_shape(const LaunchShape& s, F&& f) {
   constexpr int V = 16 / sizeof(T);
   auto with_np = [&](auto vec_tag) {
     constexpr int VEC = decltype(vec_tag)::value;
+    auto call = [&](auto np_tag) {
+      constexpr int NP = decltype(np_tag)::value;
+      if constexpr (NP * VEC * kMaxThreads <= kMaxRow) {
+        f(std::integral_constant<int, VEC>{}, np_tag);
+      } else {
+        TORCH_CHECK(false, "int8 row kernels: rows longer than ", kMaxRow, " elements");
+      }
+    };
     switch (s.np) {
-      case 1: return f(std::integral_constant<int, VEC>{}, std::integral_constant<int, 1>{});
-      case 2: return f(std::integral_constant<int, VEC>{}, std::integral_constant<int, 2>{});
-      case 4: return f(std::integral_constant<int, VEC>{}, std::integral_constant<int, 4>{});
-      case 8: return f(std::integral_constant<int, VEC>{}, std::integral_constant<int, 8>{});
-      case 16: return f(std::integral_constant<int, VEC>{}, std::integral_constant<int, 16>{});
-      case 32: return f(std::integral_constant<int, VEC>{}, std::integral_constant<int, 32>{});
-      default: TORCH_CHECK(false, "int8 row kernels: row too long (", s.np, " packs per thread)");
+      case 1: return call(std::integral_constant<int, 1>{});
+      case 2: return call(std::integral_constant<int, 2>{});
+      case 4: return call(std::integral_constant<int, 4>{});
+      case 8: return call(std::integral_constant<int, 8>{});
+      case 16: return call(std::integral_constant<int, 16>{});
+      case 32: return call(std::integral_constant<int, 32>{});
+      default: TORCH_CHECK(false, "int8 row kernels: rows longer than ", kMaxRow, " elements");
     }
   };
   if (s.vec == V)

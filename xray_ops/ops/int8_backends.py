@@ -18,8 +18,8 @@ from ..reference import int8 as ref
 
 # Triton's layernorm_quant keeps a whole row in registers.
 TRITON_MAX_ROW = 16384
-# The CUDA quantize / layernorm_quant kernels keep a row in registers: 128 threads x 16 packs.
-CUDA_MAX_ROW_VEC = 128 * 16  # packs of 16 bytes per row
+# The CUDA quantize / layernorm_quant kernels keep a row in registers (csrc/int8/int8_quant.cu).
+CUDA_MAX_ROW = 8192
 _HALF_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -124,8 +124,8 @@ def _triton_row_check(x, *rest):
 
 def _cuda_row_check(x, *rest):
     C = x.shape[-1]
-    limit = CUDA_MAX_ROW_VEC * (16 // x.element_size())
-    return [f"C={C} exceeds the CUDA kernel's row limit {limit}"] if C > limit else []
+    return [f"C={C} exceeds the CUDA kernel's row limit {CUDA_MAX_ROW}"] \
+        if C > CUDA_MAX_ROW else []
 
 
 def _cuda_gemm_check(a_q, b_q, a_scale, b_scale, bias, out_dtype, activation):
