@@ -8,7 +8,8 @@ int32 result never goes to memory.
 
 Grid: one program per (BLOCK_M, BLOCK_N) tile, grouped GROUP_M row-tiles at a time so the
 B tiles a group needs stay in L2. Autotuned on the GPU (keyed on N, K and the power of two
-above M); a single config under the interpreter, which would otherwise time every config.
+above M) for problems of AUTOTUNE_MIN_MACS and more; a fixed config below that and under the
+interpreter (which would otherwise run every config).
 """
 
 from __future__ import annotations
@@ -20,25 +21,31 @@ import triton
 import triton.language as tl
 
 
+# Problems of at least this many multiply-adds are autotuned (on the GPU); smaller ones take a
+# fixed config, so small calls (and the test suite) do not pay for compiling every config.
+AUTOTUNE_MIN_MACS = 1 << 30
+
+
 def _configs():
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
-                              num_warps=4, num_stages=1)]
     cfgs = []
-    # big-M shapes (ViT at batch 256: M = 50432): large tiles, deep pipelines (int8: K tiles
-    # of 128 bytes feed the tensor cores 128-byte rows)
+    # large tiles and deep pipelines for the big-M shapes (ViT at batch 256: M = 50432); int8 K
+    # tiles of 128 bytes; a few, because every config compiles on first use of a new shape
     for bm, bn, bk, stages, warps in [
         (128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 4),
-        (128, 128, 128, 4, 8), (128, 256, 64, 4, 8), (128, 128, 64, 5, 4),
-        (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (64, 64, 128, 5, 4), (64, 256, 128, 3, 4),
-        (32, 64, 128, 4, 4), (32, 128, 128, 4, 4),
+        (128, 128, 64, 4, 4), (64, 128, 128, 4, 4),
     ]:
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                   num_warps=warps, num_stages=stages))
     return cfgs
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"])
+def _fixed_config(M: int, interpreting: bool) -> dict:
+    if interpreting:  # one program per small tile: the interpreter runs them one by one
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+    bm = 32 if M <= 32 else 64
+    return dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
+
+
 @triton.jit
 def _int8_matmul_kernel(
     A_ptr,  # int8 activations, shape (M, K), any strides
@@ -108,6 +115,10 @@ def _int8_matmul_kernel(
     tl.store(c_ptrs, y.to(C_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+_int8_matmul_autotuned = triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"])(
+    _int8_matmul_kernel)
+
+
 def int8_matmul(a_q: torch.Tensor, b_q: torch.Tensor, a_scale: torch.Tensor,
                 b_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
                 gelu: bool) -> torch.Tensor:
@@ -123,10 +134,13 @@ def int8_matmul(a_q: torch.Tensor, b_q: torch.Tensor, a_scale: torch.Tensor,
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _int8_matmul_kernel[grid](
-        a_q, b_q, a_scale, b_scale, bias_t, c, M, N, K, triton.next_power_of_2(M),
-        a_q.stride(0), a_q.stride(1), b_q.stride(0), b_q.stride(1),
-        a_scale.stride(0), b_scale.stride(0), bias_t.stride(0),
-        HAS_BIAS=bias is not None, GELU=gelu,
-    )
+    args = (a_q, b_q, a_scale, b_scale, bias_t, c, M, N, K, triton.next_power_of_2(M),
+            a_q.stride(0), a_q.stride(1), b_q.stride(0), b_q.stride(1),
+            a_scale.stride(0), b_scale.stride(0), bias_t.stride(0))
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if not interpreting and M * N * K >= AUTOTUNE_MIN_MACS:
+        _int8_matmul_autotuned[grid](*args, HAS_BIAS=bias is not None, GELU=gelu)
+    else:
+        _int8_matmul_kernel[grid](*args, HAS_BIAS=bias is not None, GELU=gelu,
+                                  **_fixed_config(M, interpreting))
     return c
