@@ -23,6 +23,12 @@ TIE_BAND = 1e-3
 CASES = device_backend_dtypes(skip={("cpu", torch.float16)})
 
 
+def _gpu_subset(device, shape, keep):
+    # every new row length compiles new Triton kernels on the GPU: a few shapes there suffice
+    if device == "cuda" and shape not in keep:
+        pytest.skip("shape covered on the CPU; the GPU runs a subset")
+
+
 def _q_ties_only(q, x, scale, name="x_q"):
     """q may differ from the definition by 1 only where float32 x / scale is an exact .5 tie."""
     rq, rs = ref.quantize_per_token(x.cpu())
@@ -67,6 +73,7 @@ def _lnq_close(q, scale, x, w, b, eps):
 @pytest.mark.parametrize("device,backend,dtype", CASES)
 @pytest.mark.parametrize("shape", [(1, 1), (7, 33), (37, 300), (2, 3, 64), (130,), (3, 20000)])
 def test_quantize_matches_definition(device, backend, dtype, shape):
+    _gpu_subset(device, shape, [(7, 33), (37, 300), (3, 20000)])
     x = (torch.randn(shape) * torch.rand(*shape[:-1], 1) * 10).to(device=device, dtype=dtype)
     with xo.backend(backend):
         q, s = xo.quantize_per_token(x)
@@ -130,6 +137,7 @@ def test_quantize_strided_expanded_and_empty(device, backend):
 @pytest.mark.parametrize("shape", [(1, 1), (5, 7), (33, 384), (2, 3, 100)])
 @pytest.mark.parametrize("affine", [True, False])
 def test_layernorm_quant_matches_definition(device, backend, dtype, shape, affine):
+    _gpu_subset(device, shape, [(5, 7), (33, 384)])
     C = shape[-1]
     x = (torch.randn(shape) * 3 + 1).to(device=device, dtype=dtype)
     w = (torch.randn(C) * 0.5 + 1).to(device) if affine else None
