@@ -109,8 +109,10 @@ def train(model: torch.nn.Module, data: Data, epochs: int = 30, batch: int = 64,
     n = len(data.y_train)
     steps = epochs * math.ceil(n / batch)
     warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    def lr_at(s):
+        return min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     model.train()
     for _ in range(epochs):
         perm = torch.randperm(n, generator=g)

@@ -44,8 +44,8 @@ def test_recall_int8(data):
     index = xo.EmbeddingIndex().add(gallery)
     scores, ids = index.search(queries, 10)
     recall = recall_at_k(ids, exact)
-    print(f"\nint8 recall@10 {recall:.4f}, memory {index.float32_bytes() / index.memory_bytes():.2f}x"
-          " less than float32")
+    ratio = index.float32_bytes() / index.memory_bytes()
+    print(f"\nint8 recall@10 {recall:.4f}, memory {ratio:.2f}x less than float32")
     assert recall >= 0.98  # measured 0.9915
     assert index.memory_bytes() == 5000 * (D + 4)  # codes + a float32 scale per vector
     assert (scores[:, :-1] >= scores[:, 1:]).all(), "best first"

@@ -65,6 +65,11 @@ def smooth_(model: nn.Module, calibration, alpha: float,
     Runs ``model(batch)`` for every calibration batch, recording the per-channel max |x| at the
     output of each LayerNorm that feeds qkv / fc1, then folds s into the LayerNorm (÷ s) and
     the Linear's weight columns (× s). Only pairs whose Linear the filter selects are smoothed.
+
+    Equivalent PyTorch, per pair (act_max: per-channel max |LayerNorm output| on calibration)::
+
+        s = act_max ** alpha / linear.weight.abs().amax(0) ** (1 - alpha)
+        norm.weight /= s; norm.bias /= s; linear.weight *= s
     """
     alpha = _validate.number(alpha, "smooth_alpha", lo=0.0, hi=1.0)
     if calibration is None:

@@ -166,8 +166,8 @@ def _executor(n: int) -> concurrent.futures.ThreadPoolExecutor:
     global _pool, _pool_size
     with _pool_lock:
         if _pool is None or _pool_size < n:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
+            # a larger pool replaces the old one, which is not shut down: a caller on another
+            # thread may still be submitting to it (its idle threads cost nothing)
             _pool = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="xray_ops_cpu")
             _pool_size = n
         return _pool

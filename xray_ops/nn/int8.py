@@ -23,6 +23,8 @@ class QuantizedActivation(torch.Tensor):
 
     Behaves as the float tensor ``q · scale`` in ``dtype`` for every operation (it is
     dequantized on first use); :class:`Int8Linear` reads ``q`` and ``scale`` directly.
+
+    Equivalent PyTorch: ``(q.float() * scale).to(dtype)``.
     """
 
     q: torch.Tensor
@@ -135,6 +137,12 @@ class Int8LayerNorm(nn.LayerNorm):
     float tensor; the parameters and state_dict keys are nn.LayerNorm's. Used by quantize_ for
     a norm whose only consumer is an :class:`Int8Linear` (timm Block: norm1 → attn.qkv,
     norm2 → mlp.fc1). Inference only.
+
+    Equivalent PyTorch::
+
+        q, scale = xray_ops.quantize_per_token(
+            torch.nn.functional.layer_norm(x, (C,), weight, bias, eps))
+        y = (q.float() * scale).to(x.dtype)   # what any consumer but an Int8Linear sees
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
