@@ -4,6 +4,7 @@
 
 #include "evit/evit_select.h"
 #include "flash_attn/flash_fwd.h"
+#include "int8/int8.h"
 
 #ifndef XRAY_OPS_CUDA_ARCHS
 #define XRAY_OPS_CUDA_ARCHS "unknown"
@@ -21,4 +22,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Flash attention forward: (q, k, v, key_bias, scale, causal) -> (out, lse)",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("key_bias"),
         pybind11::arg("scale"), pybind11::arg("causal"));
+  m.def("int8_quantize_per_token", &xray_ops::int8_quantize_per_token,
+        "per-token int8 quantization: x (M, K) -> (x_q int8 (M, K), scale float32 (M, 1))");
+  m.def("int8_layernorm_quant", &xray_ops::int8_layernorm_quant,
+        "LayerNorm + per-token int8 quantization: (x, weight, bias, eps) -> (x_q, scale)");
+  m.def("int8_matmul", &xray_ops::int8_matmul,
+        "int8 GEMM + fused epilogue: (a_q, b_q, a_scale, b_scale, bias, out_dtype, gelu) -> out");
 }

@@ -5,6 +5,8 @@ import importlib
 # op name -> module under bench.ops
 OPS = {
     "evit_select": "evit_select",
+    "int8": "int8",
+    "int8_accuracy": "int8_accuracy",
 }
 
 

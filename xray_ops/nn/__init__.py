@@ -1,5 +1,6 @@
 """Modules built on the xray_ops functional ops."""
 
 from .evit import EViTSelect
+from .int8 import Int8LayerNorm, Int8Linear, QuantizedActivation
 
-__all__ = ["EViTSelect"]
+__all__ = ["EViTSelect", "Int8Linear", "Int8LayerNorm", "QuantizedActivation"]
