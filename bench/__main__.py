@@ -54,7 +54,11 @@ def main(argv=None) -> int:
     backends = a.backends.split(",") if a.backends else None
     all_rows, all_cases = [], []
     for op in ops:
-        cases = load(op).cases(device, dtype, a.quick)
+        mod = load(op)
+        if getattr(mod, "REPORT_ONLY", False):  # accuracy reports, not timings
+            mod.run_report(device, a.quick, write_csv=not a.no_csv)
+            continue
+        cases = mod.cases(device, dtype, a.quick)
         rows = harness.run_cases(cases, device, a.quick, modes, backends)
         all_rows += rows
         all_cases += cases

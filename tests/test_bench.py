@@ -58,7 +58,11 @@ def test_failing_implementation_is_reported_not_fatal():
 
 def test_every_registered_op_builds_its_cases_on_cpu():
     for op in OPS:
-        cases = load(op).cases("cpu", torch.float32, quick=True)
+        mod = load(op)
+        if getattr(mod, "REPORT_ONLY", False):  # an accuracy report (trains a model): no cases
+            assert callable(mod.run_report)
+            continue
+        cases = mod.cases("cpu", torch.float32, quick=True)
         assert cases, op
         for c in cases:
             assert "eager" in c.impls

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import datetime
 import os
-import sys
 
 import torch
 
@@ -51,10 +50,10 @@ def _recalls(gallery, queries, device):
     return out
 
 
-def report(device: str) -> list[tuple[str, float, str]]:
+def report(device: str, quick: bool = False) -> list[tuple[str, float, str]]:
     threads = torch.get_num_threads()
     try:
-        rep, model, q_model, data = int8_task.run(seed=0, threads=1)
+        rep, model, q_model, data = int8_task.run(seed=0, threads=1, quick=quick)
     finally:
         torch.set_num_threads(threads)
     rows = [("float_top1", rep.float_top1, rep.data),
@@ -76,24 +75,31 @@ def report(device: str) -> list[tuple[str, float, str]]:
     return rows
 
 
-def cases(device: str, dtype: torch.dtype, quick: bool):
-    rows = report(device)
-    print("\nint8 accuracy")
-    for metric, value, detail in rows:
-        print(f"  {metric:<36} {value:10.4f}   {detail}")
-    if "--no-csv" in sys.argv:  # the CLI's flag (cases() is not handed it)
-        return []
-    path = os.path.join(harness.RESULTS_DIR, "int8_accuracy.csv")
-    os.makedirs(harness.RESULTS_DIR, exist_ok=True)
-    new = not os.path.exists(path)
-    meta = {"device": harness.device_name(device), "torch": torch.__version__,
-            "commit": harness.commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            w.writeheader()
-        for metric, value, detail in rows:
-            w.writerow({"metric": metric, "value": f"{value:.6f}", "detail": detail, **meta})
-    print(f"  appended to {path}\n")
-    return []
+# Not a timing benchmark: `python -m bench int8_accuracy` calls run_report instead of cases().
+REPORT_ONLY = True
+
+
+def run_report(device: str, quick: bool = False, write_csv: bool = True,
+               csv_path: str | None = None) -> str:
+    """Measure, print, and append to bench/results/int8_accuracy.csv; returns the text."""
+    rows = report(device, quick)
+    lines = ["int8 accuracy"] + [f"  {metric:<36} {value:10.4f}   {detail}"
+                                 for metric, value, detail in rows]
+    if write_csv:
+        path = csv_path or os.path.join(harness.RESULTS_DIR, "int8_accuracy.csv")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        new = not os.path.exists(path)
+        meta = {"device": harness.device_name(device), "torch": torch.__version__,
+                "commit": harness.commit(),
+                "date": datetime.datetime.now(datetime.timezone.utc).strftime(
+                    "%Y-%m-%dT%H:%M:%SZ")}
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            if new:
+                w.writeheader()
+            for metric, value, detail in rows:
+                w.writerow({"metric": metric, "value": f"{value:.6f}", "detail": detail, **meta})
+        lines.append(f"  appended to {path}")
+    text = "\n".join(lines)
+    print(text)
+    return text
