@@ -9,9 +9,12 @@ __version__ = "0.1.0"
 from ._dispatch import BackendError, backend, last_backend, set_backend  # noqa: E402
 from ._info import info  # noqa: E402
 from .ops.evit import evit_keep_count, evit_select  # noqa: E402
+from .ops.attention import (flash_attention, flash_attention_qkvpacked,  # noqa: E402
+                            flash_attention_varlen)
 from . import nn  # noqa: E402
 
 __all__ = [
     "__version__", "info", "set_backend", "backend", "last_backend", "BackendError",
     "evit_select", "evit_keep_count", "nn",
+    "flash_attention", "flash_attention_qkvpacked", "flash_attention_varlen",
 ]
