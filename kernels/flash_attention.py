@@ -33,23 +33,47 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ----------------------------------------------------------------------------------------------
-# tile shapes: one config under the interpreter, a few autotuned ones on the GPU. BLOCK 32/64
-# configs keep ViT's 197 tokens from being padded to 256.
+# tile shapes: one config under the interpreter; on the GPU a few autotuned ones, with BLOCK
+# 32/64 configs so ViT's 197 tokens are not padded to 256. XRAY_OPS_AUTOTUNE=0 (read at call
+# time) launches the heuristic config instead: no tuning runs, one compile per variant.
 # ----------------------------------------------------------------------------------------------
+def _config(m: int, n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+
+
 def _configs(gpu: list[tuple], interp: tuple) -> list[triton.Config]:
-    if INTERPRETING:
-        m, n, w, s = interp
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in gpu]
+    return [_config(*interp)] if INTERPRETING else [_config(*c) for c in gpu]
+
+
+def autotune_enabled() -> bool:
+    return not INTERPRETING and os.environ.get("XRAY_OPS_AUTOTUNE", "1") != "0"
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """Drop tiles much longer than the sequences (a 7-token call needs no 128-row tile)."""
+    nq = triton.next_power_of_2(max(int(named_args["N_Q"]), 16))
+    nk = triton.next_power_of_2(max(int(named_args["N_K"]), 16))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(nq, 32)
+            and c.kwargs["BLOCK_N"] <= max(nk, 32)]
+    return kept or configs[:1]
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
-FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4),
-                        (128, 128, 8, 2)], (32, 64, 4, 1))
+FWD_CONFIGS = _configs([(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3)],
+                       (32, 64, 4, 1))
 CLS_CONFIGS = [triton.Config({"BLOCK_N": 32 if INTERPRETING else 64}, num_warps=4)]
 # tuned per (lengths, head dim, masking); dtypes are part of Triton's own cache key
 FWD_KEY = ["N_Q", "N_K", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "VARLEN"]
+
+
+def fwd_heuristic(n_q: int, n_k: int, d: int, dtype: torch.dtype) -> triton.Config:
+    if INTERPRETING:
+        return FWD_CONFIGS[0]
+    if dtype == torch.float32:  # fp32 tiles take twice the shared memory: fits sm_80 too
+        return _config(64, 32, 4, 2)
+    if n_k <= 256:
+        return _config(64, 32, 4, 3)
+    return _config(64, 64, 4, 3) if d > 64 else _config(128, 64, 8, 3)
 
 
 def head_dim_blocks(d: int) -> tuple[int, int]:
@@ -259,7 +283,7 @@ def _attn_fwd_kernel(
     # fully masked rows (l = 0): out 0 and lse -inf, as torch SDPA
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
-    lse = (m_use + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_use + tl.log2(l_safe)) * 0.6931471805599453)
     tl.store(LSE_ptr + b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_lm, lse,
              mask=m_mask)
     o_base = OUT_ptr + b * stride_ob + h * stride_oh + q_start * stride_om
@@ -320,7 +344,19 @@ def _cls_attn_kernel(
              (acc / H).to(CLS_ptr.dtype.element_ty), mask=offs_n < len_k)
 
 
-_attn_fwd = triton.autotune(configs=FWD_CONFIGS, key=FWD_KEY)(_attn_fwd_kernel)
+_attn_fwd = triton.autotune(configs=FWD_CONFIGS, key=FWD_KEY,
+                            prune_configs_by={"early_config_prune": prune_configs})(_attn_fwd_kernel)
+
+
+def launch(autotuned, kernel, grid, args, kwargs, config, heuristic):
+    """Run ``autotuned``, or ``kernel`` with ``config`` (given, or the heuristic when autotuning
+    is off or under the interpreter)."""
+    if config is None and autotune_enabled():
+        autotuned[grid](*args, **kwargs)
+        return
+    cfg = config if config is not None else heuristic
+    kernel[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps,
+                 num_stages=cfg.num_stages)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,14 +372,14 @@ def _varlen_args(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, k):
 
 def flash_attention_forward(q, k, v, key_bias, scale: float, causal: bool, want_cls: bool, *,
                             cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
-                            max_seqlen_k=None):
+                            max_seqlen_k=None, config: triton.Config | None = None):
     """(out, cls_attn or None, lse).
 
     Dense: q (B, H, Nq, D), k/v (B, H, Nk, D), key_bias (B, Nk) or None -> out (B, H, Nq, D)
     stored as (B, Nq, H, D) (a transposed view, as SDPA's flash backend returns: the ViT's
     following transpose(1, 2).reshape is free), cls_attn (B, Nk), lse (B, H, Nq) float32.
     Varlen (cu_seqlens given): q (Tq, H, D), k/v (Tk, H, D), key_bias (Tk,) -> out (Tq, H, D),
-    cls_attn (Tk,), lse (H, Tq).
+    cls_attn (Tk,), lse (H, Tq). ``config`` forces a tile config (tests); default: autotuned.
     """
     varlen, B, N_Q, N_K, cu_q, cu_k = _varlen_args(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                    max_seqlen_k, k)
@@ -370,14 +406,13 @@ def flash_attention_forward(q, k, v, key_bias, scale: float, causal: bool, want_
     def grid(meta):
         return (triton.cdiv(N_Q, meta["BLOCK_M"]) * B * H,)
 
-    _attn_fwd[grid](
-        q, k, v, bias, out, lse, cu_q, cu_k,
-        *bhnd_strides(q, varlen), *bhnd_strides(k, varlen), *bhnd_strides(v, varlen),
-        *bn_strides(key_bias, varlen), *bhnd_strides(out, varlen), *bhn_strides(lse, varlen),
-        H, N_Q, N_K, qk_scale,
-        HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, CAUSAL=causal, HAS_BIAS=has_bias, VARLEN=varlen,
-        INPUT_PRECISION=input_precision(q.dtype),
-    )
+    args = (q, k, v, bias, out, lse, cu_q, cu_k,
+            *bhnd_strides(q, varlen), *bhnd_strides(k, varlen), *bhnd_strides(v, varlen),
+            *bn_strides(key_bias, varlen), *bhnd_strides(out, varlen), *bhn_strides(lse, varlen),
+            H, N_Q, N_K, qk_scale)
+    kwargs = dict(HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, CAUSAL=causal, HAS_BIAS=has_bias,
+                  VARLEN=varlen, INPUT_PRECISION=input_precision(q.dtype))
+    launch(_attn_fwd, _attn_fwd_kernel, grid, args, kwargs, config, fwd_heuristic(N_Q, N_K, D, q.dtype))
     if want_cls:
         cls_attn_forward(q, k, key_bias, lse, scale, causal, out=cls, cu_seqlens_q=cu_seqlens_q,
                          cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,

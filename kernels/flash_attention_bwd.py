@@ -21,15 +21,32 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attention import (INTERPRETING, LOG2E, _configs, _row0_log2_probs, _seq_start_len,
-                              _varlen_args, bhn_strides, bhnd_strides, bn_strides,
-                              head_dim_blocks, input_precision)
+from .flash_attention import (INTERPRETING, LOG2E, _config, _configs, _row0_log2_probs,
+                              _seq_start_len, _varlen_args, bhn_strides, bhnd_strides,
+                              bn_strides, head_dim_blocks, input_precision, launch,
+                              prune_configs)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
-DKDV_CONFIGS = _configs([(32, 64, 4, 3), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2),
-                         (16, 32, 4, 3)], (64, 32, 4, 1))
-DQ_CONFIGS = _configs([(64, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 3),
-                       (32, 32, 4, 3)], (32, 64, 4, 1))
+DKDV_CONFIGS = _configs([(32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2)], (64, 32, 4, 1))
+DQ_CONFIGS = _configs([(64, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2)], (32, 64, 4, 1))
+
+
+def dkdv_heuristic(n_q: int, n_k: int, dtype: torch.dtype) -> triton.Config:
+    if INTERPRETING:
+        return DKDV_CONFIGS[0]
+    if dtype == torch.float32:  # fits sm_80's shared memory at D = 128
+        return _config(32, 64, 4, 2)
+    return _config(32, 64, 4, 3) if n_k <= 256 else _config(64, 64, 4, 2)
+
+
+def dq_heuristic(n_q: int, n_k: int, dtype: torch.dtype) -> triton.Config:
+    if INTERPRETING:
+        return DQ_CONFIGS[0]
+    if dtype == torch.float32:
+        return _config(64, 32, 4, 2)
+    return _config(64, 32, 4, 3) if n_q <= 256 else _config(64, 64, 4, 2)
+
+
 BWD_KEY = ["N_Q", "N_K", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "HAS_CLS", "VARLEN"]
 PRE_BLOCK_M = 32 if INTERPRETING else 64
 PRE_BLOCK_N = 32 if INTERPRETING else 64
@@ -390,8 +407,11 @@ def _attn_bwd_dq_kernel(
                  (dq1 * scale).to(DQ_ptr.dtype.element_ty), mask=mask1)
 
 
-_attn_bwd_dkdv = triton.autotune(configs=DKDV_CONFIGS, key=BWD_KEY)(_attn_bwd_dkdv_kernel)
-_attn_bwd_dq = triton.autotune(configs=DQ_CONFIGS, key=BWD_KEY)(_attn_bwd_dq_kernel)
+_PRUNE = {"early_config_prune": prune_configs}
+_attn_bwd_dkdv = triton.autotune(configs=DKDV_CONFIGS, key=BWD_KEY,
+                                 prune_configs_by=_PRUNE)(_attn_bwd_dkdv_kernel)
+_attn_bwd_dq = triton.autotune(configs=DQ_CONFIGS, key=BWD_KEY,
+                               prune_configs_by=_PRUNE)(_attn_bwd_dq_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,11 +419,14 @@ _attn_bwd_dq = triton.autotune(configs=DQ_CONFIGS, key=BWD_KEY)(_attn_bwd_dq_ker
 # ----------------------------------------------------------------------------------------------
 def flash_attention_backward(dout, dcls, dlse, q, k, v, key_bias, out, lse, scale: float,
                              causal: bool, dq, dk, dv, *, cu_seqlens_q=None, cu_seqlens_k=None,
-                             max_seqlen_q=None, max_seqlen_k=None):
+                             max_seqlen_q=None, max_seqlen_k=None,
+                             dkdv_config: triton.Config | None = None,
+                             dq_config: triton.Config | None = None):
     """Write dq, dk, dv (caller-allocated, any strides) and return dkey_bias (or None).
 
     dout like out; dcls like cls_attn or None; dlse like lse or None; out and lse from the
     forward. Shapes and layouts as :func:`flash_attention_forward` (dense or varlen).
+    dkdv_config / dq_config force tile configs (tests); default: autotuned.
     """
     varlen, B, N_Q, N_K, cu_q, cu_k = _varlen_args(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                    max_seqlen_k, k)
@@ -445,21 +468,20 @@ def flash_attention_backward(dout, dcls, dlse, q, k, v, key_bias, out, lse, scal
     def grid_n(meta):
         return (triton.cdiv(N_K, meta["BLOCK_N"]) * B * H,)
 
-    _attn_bwd_dkdv[grid_n](
-        q, k, v, bias, dout, lse, delta, dcls_t, dk, dv, db_heads, cu_q, cu_k,
-        *shared, *bhnd_strides(dk, varlen), *bhnd_strides(dv, varlen),
-        *bhn_strides(db_heads, varlen),
-        H, N_Q, N_K, scale, qk_scale, HAS_CLS=has_cls, INPUT_PRECISION=prec, **common,
-    )
+    kwargs = dict(HAS_CLS=has_cls, INPUT_PRECISION=prec, **common)
+    launch(_attn_bwd_dkdv, _attn_bwd_dkdv_kernel, grid_n,
+           (q, k, v, bias, dout, lse, delta, dcls_t, dk, dv, db_heads, cu_q, cu_k,
+            *shared, *bhnd_strides(dk, varlen), *bhnd_strides(dv, varlen),
+            *bhn_strides(db_heads, varlen), H, N_Q, N_K, scale, qk_scale),
+           kwargs, dkdv_config, dkdv_heuristic(N_Q, N_K, q.dtype))
 
     def grid_m(meta):
         return (triton.cdiv(N_Q, meta["BLOCK_M"]) * B * H,)
 
-    _attn_bwd_dq[grid_m](
-        q, k, v, bias, dout, lse, delta, dcls_t, dq, cu_q, cu_k,
-        *shared, *bhnd_strides(dq, varlen),
-        H, N_Q, N_K, scale, qk_scale, HAS_CLS=has_cls, INPUT_PRECISION=prec, **common,
-    )
+    launch(_attn_bwd_dq, _attn_bwd_dq_kernel, grid_m,
+           (q, k, v, bias, dout, lse, delta, dcls_t, dq, cu_q, cu_k,
+            *shared, *bhnd_strides(dq, varlen), H, N_Q, N_K, scale, qk_scale),
+           kwargs, dq_config, dq_heuristic(N_Q, N_K, q.dtype))
     if not has_bias:
         return None
     # Σ over heads in a fixed order: deterministic
