@@ -59,6 +59,9 @@ class Attention(nn.Module):
     key_bias added to the logits, and cls_attn = the softmax's row 0 averaged over heads).
     """
 
+    # timm's flag for "uses a fused attention kernel": always, here
+    fused_attn = True
+
     def __init__(self, dim: int, num_heads: int = 8, attn_head_dim: Optional[int] = None,
                  dim_out: Optional[int] = None, qkv_bias: bool = False, qk_norm: bool = False,
                  scale_norm: bool = False, proj_bias: bool = True, gated: bool = False,
