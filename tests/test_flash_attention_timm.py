@@ -130,3 +130,21 @@ def test_constructor_errors():
         Attention(32, num_heads=2, qk_norm=True)
     with pytest.raises(TypeError, match="module: expected a timm Attention"):
         Attention.from_timm(torch.nn.Linear(2, 2))
+
+
+def test_module_under_torch_compile_fullgraph():
+    # a block with the module on the packed path, ToMe's key_bias and EViT's cls_attn
+    torch.manual_seed(0)
+    attn = Attention(32, num_heads=2, qkv_bias=True)
+
+    def block(x, size):
+        y, cls = attn(x, key_bias=size.log(), return_cls_attn=True)
+        return (x + y).square().mean() + (cls * torch.arange(x.shape[1])).sum()
+
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    size = torch.rand(2, 9).add(0.5).requires_grad_()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(x, size), [x, size, attn.qkv.weight])
+    want = torch.autograd.grad(block(x, size), [x, size, attn.qkv.weight])
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w)

@@ -116,3 +116,19 @@ def test_varlen_opcheck():
     for backend in ("torch", "triton"):
         torch.library.opcheck(torch.ops.xray_ops.flash_attention_varlen.default,
                               (q, k, v, cu, cu, 6, 6, kb, 0.25, True, True, True, backend))
+
+
+def test_varlen_torch_compile_fullgraph():
+    def f(q, k, v, cu, b):
+        out, cls, lse = xo.flash_attention_varlen(q, k, v, cu, cu, 6, 6, key_bias=b, causal=True,
+                                                  return_cls_attn=True, return_lse=True)
+        return out.square().sum() + cls.sum() + lse.sum()
+
+    q, k, v = (torch.randn(9, 2, 16, requires_grad=True) for _ in range(3))
+    b = torch.randn(9, requires_grad=True)
+    cu = torch.tensor([0, 3, 9], dtype=torch.int32)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(q, k, v, cu, b), [q, k, v, b])
+    want = torch.autograd.grad(f(q, k, v, cu, b), [q, k, v, b])
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w)
