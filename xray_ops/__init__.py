@@ -10,6 +10,8 @@ from ._dispatch import BackendError, backend, last_backend, set_backend  # noqa:
 from ._info import info  # noqa: E402
 from .ops.evit import evit_keep_count, evit_select  # noqa: E402
 from .ops.int8 import int8_linear, int8_matmul, layernorm_quant, quantize_per_token  # noqa: E402
+from .ops.attention import (flash_attention, flash_attention_qkvpacked,  # noqa: E402
+                            flash_attention_varlen)
 from . import nn  # noqa: E402
 from .quantize import Int8Config, quantize_  # noqa: E402
 from .retrieval import EmbeddingIndex  # noqa: E402
@@ -19,4 +21,5 @@ __all__ = [
     "evit_select", "evit_keep_count", "nn",
     "quantize_per_token", "layernorm_quant", "int8_matmul", "int8_linear", "Int8Config",
     "quantize_", "EmbeddingIndex",
+    "flash_attention", "flash_attention_qkvpacked", "flash_attention_varlen",
 ]

@@ -7,6 +7,7 @@ OPS = {
     "evit_select": "evit_select",
     "int8": "int8",
     "int8_accuracy": "int8_accuracy",
+    "flash_attention": "flash_attention",
 }
 
 
