@@ -19,7 +19,8 @@ namespace xray_ops {
 //   scale: the softmax scale (callers pass 1/sqrt(D) by default).
 //   causal: query i sees keys 0..i (top-left aligned, torch SDPA's is_causal:
 //      mask = ones(Nq, Nk).tril()).
-// Returns out (B, H, Nq, D) in q's dtype, contiguous, and lse (B, H, Nq) float32 contiguous,
+// Returns out (B, H, Nq, D) in q's dtype, a transposed view of (B, Nq, H, D) storage (so
+// out.transpose(1, 2).reshape(B, Nq, H * D) is free), and lse (B, H, Nq) float32 contiguous:
 // the natural-log log-sum-exp of each row of scale * q kᵀ + key_bias.
 //
 // Equivalent PyTorch:

@@ -100,7 +100,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward(
               ") must be below 2^31, got ", grid, " (shape ", q.sizes(), ")");
 
   const c10::cuda::CUDAGuard guard(q.device());
-  auto out = at::empty({B, H, Nq, D}, q.options());
+  // (B, Nq, H, D) storage seen as (B, H, Nq, D): what a ViT reshapes to (B, N, H * D) next,
+  // without a copy. Rows stay 16-byte aligned: D is a multiple of 8.
+  auto out = at::empty({B, Nq, H, D}, q.options()).transpose(1, 2);
   auto lse = at::empty({B, H, Nq}, q.options().dtype(at::kFloat));
   if (B * H * Nq == 0) return {out, lse};
   if (Nk == 0) {  // softmax over no keys: the empty sum
@@ -127,6 +129,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward(
   p.v_stride_n = v.stride(2);
   p.bias_stride_b = has_bias ? key_bias->stride(0) : 0;
   p.bias_stride_n = has_bias ? key_bias->stride(1) : 0;
+  p.out_stride_b = out.stride(0);
+  p.out_stride_h = out.stride(1);
+  p.out_stride_n = out.stride(2);
   p.heads = static_cast<int>(H);
   p.n_q = static_cast<int>(Nq);
   p.n_k = static_cast<int>(Nk);

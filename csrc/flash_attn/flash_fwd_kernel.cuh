@@ -306,13 +306,13 @@ __global__ void __launch_bounds__(kNumThreads, min_ctas_per_sm(D))
     }
   }
   __syncwarp();
-  uint16_t* out = p.out + (bh * p.n_q + m_start) * D;
+  uint16_t* out = p.out + b * p.out_stride_b + h * p.out_stride_h + m_start * p.out_stride_n;
   constexpr int kChunksPerRow = D / 8;
 #pragma unroll
   for (int c = lane; c < 16 * kChunksPerRow; c += 32) {
     const int row = warp * 16 + c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
     if (m_start + row < p.n_q)
-      *reinterpret_cast<uint4*>(out + int64_t(row) * D + col) =
+      *reinterpret_cast<uint4*>(out + int64_t(row) * p.out_stride_n + col) =
           *reinterpret_cast<const uint4*>(sO + row * P + col);
   }
 }

@@ -20,12 +20,14 @@ struct FwdParams {
   const uint16_t* k;  // (B, H, Nk, D), strides k_stride_*, unit stride on D
   const uint16_t* v;  // (B, H, Nk, D), strides v_stride_*, unit stride on D
   const float* key_bias;  // (B, Nk) float32, strides bias_stride_*; nullptr when absent
-  uint16_t* out;      // (B, H, Nq, D), contiguous
+  uint16_t* out;      // (B, H, Nq, D), strides out_stride_*, unit stride on D (the host
+                      // allocates (B, Nq, H, D) storage: a ViT's transpose + reshape is free)
   float* lse;         // (B, H, Nq), contiguous
   int64_t q_stride_b, q_stride_h, q_stride_n;
   int64_t k_stride_b, k_stride_h, k_stride_n;
   int64_t v_stride_b, v_stride_h, v_stride_n;
   int64_t bias_stride_b, bias_stride_n;
+  int64_t out_stride_b, out_stride_h, out_stride_n;
   int heads;          // H
   int n_q;            // Nq >= 1
   int n_k;            // Nk >= 1

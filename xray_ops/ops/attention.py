@@ -503,10 +503,8 @@ def _cuda_forward(q, k, v, key_bias, scale, causal, want_cls):
     from ..kernels import flash_attention as kf
 
     bias32 = key_bias.float() if key_bias is not None else None  # the extension reads fp32
-    o, lse = _ext.get().flash_attention_forward(q, k, v, bias32, scale, causal)
-    # the extension writes (B, H, Nq, D) contiguous; the op's output lives in (B, Nq, H, D)
-    out = _bnhd_empty(q, q.shape[2])
-    out.copy_(o)
+    # the extension writes (B, Nq, H, D) storage seen as (B, H, Nq, D), like the Triton path
+    out, lse = _ext.get().flash_attention_forward(q, k, v, bias32, scale, causal)
     cls = kf.cls_attn_forward(q, k, key_bias, lse, scale, causal) if want_cls else None
     return out, cls, lse
 
