@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "evit/evit_select.h"
+#include "tome/tome.h"
 
 #ifndef XRAY_OPS_CUDA_ARCHS
 #define XRAY_OPS_CUDA_ARCHS "unknown"
@@ -16,4 +17,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "EViT select forward: (x, cls_attn, keep, fuse) -> (x_out, keep_idx)");
   m.def("evit_select_backward", &xray_ops::evit_select_backward,
         "EViT select backward: (grad_out, x, cls_attn, keep, fuse) -> (grad_x, grad_cls)");
+  m.def("tome_match", &xray_ops::tome_match,
+        "ToMe matching: (metric, r, class_token, distill_token) -> [unm_idx, src_idx, dst_idx, "
+        "dest, slot_src, slot_start]");
+  m.def("tome_merge_forward", &xray_ops::tome_merge_forward,
+        "ToMe merge forward: (x, size, dest, slot_src, slot_start) -> (x_out, size_out)");
+  m.def("tome_merge_backward", &xray_ops::tome_merge_backward,
+        "ToMe merge backward: (grad_out, grad_size_out, x, size, x_out, size_out, dest, "
+        "size_grad) -> (grad_x, grad_size)");
 }

@@ -16,6 +16,8 @@ reaches HBM:
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -52,7 +54,7 @@ def _tome_scores_kernel(
         a = tl.load(a_rows[:, None] + offs_d[None, :] * stride_md,
                     mask=mask_a[:, None] & (offs_d < D)[None, :], other=0).to(ACC_DTYPE)
         na2 += tl.sum(a * a, axis=1)
-    na = tl.sqrt(na2)
+    na = tl.where(mask_a, tl.sqrt(na2), 1)  # padding rows: no 0/0
 
     best = tl.full([BLOCK_A], float("-inf"), dtype=ACC_DTYPE)
     best_idx = tl.zeros([BLOCK_A], dtype=tl.int32)
@@ -75,7 +77,8 @@ def _tome_scores_kernel(
             else:
                 dots += tl.sum(a[:, :, None] * bt[None, :, :], axis=1)
             nb2 += tl.sum(bt * bt, axis=0)
-        s = dots / (na[:, None] * tl.sqrt(nb2)[None, :])
+        nb = tl.where(mask_b, tl.sqrt(nb2), 1)
+        s = dots / (na[:, None] * nb[None, :])
         s = tl.where(s != s, float("inf"), s)  # NaN ranks above every number
         if CLASS_TOKEN:
             s = tl.where(offs_a[:, None] == 0, float("-inf"), s)
@@ -209,6 +212,12 @@ def _tome_plan_kernel(
              mask=first)
 
 
+def _interpreting() -> bool:
+    # Under the interpreter every program costs Python time per tl op whatever its size: bigger
+    # blocks, fewer programs (N = 577 still takes several tiles and chunks per row)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def tome_match(metric: torch.Tensor, r: int, class_token: bool, distill_token: bool):
     """metric (B, N, D), clamped r >= 1 -> (unm_idx, src_idx, dst_idx, dest, slot_src,
     slot_start), int64 (see xray_ops.ToMeMatch)."""
@@ -228,22 +237,24 @@ def tome_match(metric: torch.Tensor, r: int, class_token: bool, distill_token: b
     node_max = torch.empty(B, Na, device=dev, dtype=torch.float64 if f64 else torch.float32)
     node_idx = torch.empty(B, Na, device=dev, dtype=torch.int32)
     rank = torch.empty(B, Na, device=dev, dtype=torch.int32)
+    big = 2 if _interpreting() else 1
     if f64:  # the multiply-sum path holds a (BLOCK_A, BLOCK_D, BLOCK_B) tile
-        blocks = dict(BLOCK_A=16, BLOCK_B=16, BLOCK_D=16)
+        blocks = dict(BLOCK_A=16 * big, BLOCK_B=16 * big, BLOCK_D=16)
     else:
-        blocks = dict(BLOCK_A=32, BLOCK_B=64, BLOCK_D=max(16, min(64, triton.next_power_of_2(D))))
+        blocks = dict(BLOCK_A=32 * big, BLOCK_B=64 * big,
+                      BLOCK_D=max(16, min(64, triton.next_power_of_2(D))))
     _tome_scores_kernel[(B, triton.cdiv(Na, blocks["BLOCK_A"]))](
         metric, node_max, node_idx, Na, Nb, D,
         metric.stride(0), metric.stride(1), metric.stride(2),
         CLASS_TOKEN=class_token, DISTILL_TOKEN=distill_token, USE_DOT=not f64,
         ACC_DTYPE=tl.float64 if f64 else tl.float32, **blocks, num_warps=4,
     )
-    _tome_rank_kernel[(B, triton.cdiv(Na, 32))](
-        node_max, rank, Na, BLOCK_I=32, BLOCK_K=64, num_warps=4,
+    _tome_rank_kernel[(B, triton.cdiv(Na, 32 * big))](
+        node_max, rank, Na, BLOCK_I=32 * big, BLOCK_K=64 * big, num_warps=4,
     )
-    _tome_plan_kernel[(B, triton.cdiv(Na, 32))](
+    _tome_plan_kernel[(B, triton.cdiv(Na, 32 * big))](
         rank, node_idx, unm, src, dst, dest, slot_src, slot_start, N, Na, Nb, r,
-        CLASS_TOKEN=class_token, DISTILL_TOKEN=distill_token, BLOCK_T=32, BLOCK_K=64,
-        num_warps=4,
+        CLASS_TOKEN=class_token, DISTILL_TOKEN=distill_token, BLOCK_T=32 * big,
+        BLOCK_K=64 * big, num_warps=4,
     )
     return unm, src, dst, dest, slot_src, slot_start

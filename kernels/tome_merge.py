@@ -14,6 +14,8 @@ grad_size[p] = <grad_out[o], x[p] - x_out[o]> / size_out[o] + grad_size_out[o].
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -64,7 +66,7 @@ def _tome_merge_fwd_kernel(
                      mask=valid[:, None] & mask_c[None, :], other=0).to(ACC_DTYPE)
         acc += s[:, None] * xv
         total += s
-    out = acc / total[:, None]
+    out = acc / tl.where(mask_o, total, 1)[:, None]  # padding slots: no 0/0
     # one cast back to the output dtype
     tl.store(OUT_ptr + b * n_out * C + offs_o[:, None] * C + offs_c[None, :],
              out.to(OUT_ptr.dtype.element_ty), mask=mask_o[:, None] & mask_c[None, :])
@@ -144,6 +146,12 @@ def _tome_merge_bwd_kernel(
     tl.store(GS_ptr + b * N + offs_p, gs.to(GS_ptr.dtype.element_ty), mask=mask_p)
 
 
+def _block_t() -> int:
+    # tokens per program; under the interpreter (a Python cost per tl op, whatever the block)
+    # bigger blocks mean fewer programs
+    return 64 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 16
+
+
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -164,7 +172,7 @@ def tome_merge_forward(x: torch.Tensor, size, dest: torch.Tensor, slot_src: torc
         return out, size_out
     slot_src, slot_start = slot_src.contiguous(), slot_start.contiguous()
     s = size if size is not None else x  # a placeholder pointer when there is no size
-    BLOCK_T = 16
+    BLOCK_T = _block_t()
     BLOCK_C = _block_c(C, 128)
     # C == 0 still needs one program per slot block to write size_out
     grid = (B, triton.cdiv(n_out, BLOCK_T), max(1, triton.cdiv(C, BLOCK_C)))
@@ -191,7 +199,7 @@ def tome_merge_backward(grad_out: torch.Tensor, grad_size_out, x: torch.Tensor, 
     s = size if size is not None else x
     gso = grad_size_out if grad_size_out is not None else size_out
     size_grad = bool(size_grad) and size is not None
-    BLOCK_T = 16
+    BLOCK_T = _block_t()
     grid = (B, triton.cdiv(N, BLOCK_T))
     _tome_merge_bwd_kernel[grid](
         grad_out, gso, x, s, x_out, size_out, dest, grad_x, grad_size, N, C,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _best_matches(m, class_token, distill_token, node_max, node_idx):
     """m (N, D) one row's metric -> node_max (Na,) float64, node_idx (Na,) int64."""
     N, D = m.shape
@@ -53,7 +53,7 @@ def _best_matches(m, class_token, distill_token, node_max, node_idx):
         node_idx[i] = bi
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@numba.njit(parallel=True, cache=True, nogil=True, error_model="numpy")
 def _match(metric, r, class_token, distill_token, unm, src, dst, dest, slot_src, slot_start):
     B, N, D = metric.shape
     Na, Nb = (N + 1) // 2, N // 2
@@ -110,7 +110,7 @@ def _match(metric, r, class_token, distill_token, unm, src, dst, dest, slot_src,
                 fill[o] += 1
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@numba.njit(parallel=True, cache=True, nogil=True, error_model="numpy")
 def _merge_forward(x, size, has_size, slot_src, slot_start, out, size_out):
     B, N, C = x.shape
     n_out = out.shape[1]
@@ -139,7 +139,7 @@ def _merge_forward(x, size, has_size, slot_src, slot_start, out, size_out):
             size_out[b, o, 0] = total
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@numba.njit(parallel=True, cache=True, nogil=True, error_model="numpy")
 def _merge_backward(go, gso, has_gso, x, size, has_size, x_out, size_out, dest, size_grad,
                     gx, gs):
     B, N, C = x.shape
@@ -169,6 +169,12 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
+def _npc(t: torch.Tensor) -> np.ndarray:
+    # small tensors (sizes, indices, the metric) and gradients go in contiguous: every call then
+    # uses one of few compiled signatures (numba compiles one per array layout)
+    return t.detach().contiguous().numpy()
+
+
 def tome_match(metric: torch.Tensor, r: int, class_token: bool, distill_token: bool):
     """metric (B, N, D), clamped r >= 1 -> (unm_idx, src_idx, dst_idx, dest, slot_src,
     slot_start), int64 (see xray_ops.ToMeMatch)."""
@@ -180,7 +186,7 @@ def tome_match(metric: torch.Tensor, r: int, class_token: bool, distill_token: b
            torch.empty(B, r, dtype=torch.int64), torch.empty(B, N, dtype=torch.int64),
            torch.empty(B, N, dtype=torch.int64), torch.empty(B, N - r + 1, dtype=torch.int64))
     if B:
-        _match(_np(metric), r, class_token, distill_token, *(t.numpy() for t in out))
+        _match(_npc(metric), r, class_token, distill_token, *(t.numpy() for t in out))
     return out
 
 
@@ -191,8 +197,8 @@ def tome_merge_forward(x: torch.Tensor, size, dest, slot_src, slot_start):
     out = torch.empty(B, n_out, C, dtype=x.dtype)
     size_out = torch.empty(B, n_out, 1, dtype=x.dtype)
     if B and n_out:
-        s = _np(size) if size is not None else np.ones((1, 1, 1), dtype=out.numpy().dtype)
-        _merge_forward(_np(x), s, size is not None, _np(slot_src), _np(slot_start),
+        s = _npc(size) if size is not None else np.ones((1, 1, 1), dtype=out.numpy().dtype)
+        _merge_forward(_np(x), s, size is not None, _npc(slot_src), _npc(slot_start),
                        out.numpy(), size_out.numpy())
     return out, size_out
 
@@ -204,9 +210,9 @@ def tome_merge_backward(grad_out, grad_size_out, x, size, x_out, size_out, dest,
     gs = torch.empty(B, N, 1, dtype=x.dtype)
     if B and N:
         dummy = np.ones((1, 1, 1), dtype=gx.numpy().dtype)
-        s = _np(size) if size is not None else dummy
-        gso = _np(grad_size_out) if grad_size_out is not None else dummy
-        _merge_backward(_np(grad_out), gso, grad_size_out is not None, _np(x), s,
-                        size is not None, _np(x_out), _np(size_out), _np(dest),
+        s = _npc(size) if size is not None else dummy
+        gso = _npc(grad_size_out) if grad_size_out is not None else dummy
+        _merge_backward(_npc(grad_out), gso, grad_size_out is not None, _np(x), s,
+                        size is not None, _npc(x_out), _npc(size_out), _npc(dest),
                         bool(size_grad) and size is not None, gx.numpy(), gs.numpy())
     return gx, gs
