@@ -5,6 +5,7 @@ import importlib
 # op name -> module under bench.ops
 OPS = {
     "evit_select": "evit_select",
+    "tome_merge": "tome_merge",
 }
 
 

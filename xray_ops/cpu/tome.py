@@ -1,7 +1,7 @@
 """numba kernels for ToMe token merging on the CPU: matching, merge forward and merge backward.
 
 Parallel over the batch. Matching per row: cosine scores (a·b) / (‖a‖‖b‖) row by row (the dot
-products accumulate in the metric's dtype, float32 or float64, vectorised over the B tokens),
+products accumulate in the metric's dtype, float32 or float64, vectorised over the channels),
 the first argmax with NaN as +inf, a stable descending argsort of the best scores, then ToMe's
 output order and the CSR grouping in O(N). Merge: each output slot sums size·x over its group
 in float64 (a slot of one token is a copy); backward: each input token reads its slot.
@@ -14,40 +14,41 @@ import numpy as np
 import torch
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
+# reassoc + contract only: the dot products vectorise (a fixed association, so the same bits on
+# every run); no finite-math flags, the NaN rule below still holds
+@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
 def _best_matches(m, class_token, distill_token, node_max, node_idx):
-    """m (N, D) one row's metric -> node_max (Na,) float64, node_idx (Na,) int64."""
+    """m (N, D) one row's metric, contiguous -> node_max (Na,) float64, node_idx (Na,) int64."""
     N, D = m.shape
     Na, Nb = (N + 1) // 2, N // 2
-    bt = np.empty((D, Nb), dtype=m.dtype)  # B tokens, transposed: the inner loop is contiguous
-    nb = np.empty(Nb, dtype=np.float64)
-    for j in range(Nb):
+    norm = np.empty(N, dtype=np.float64)
+    for t in range(N):
         ss = 0.0
         for d in range(D):
-            v = m[2 * j + 1, d]
-            bt[d, j] = v
-            ss += np.float64(v) * np.float64(v)
-        nb[j] = np.sqrt(ss)
-    dots = np.empty(Nb, dtype=m.dtype)
+            v = np.float64(m[t, d])
+            ss += v * v
+        norm[t] = np.sqrt(ss)
+    score = np.empty(Nb, dtype=np.float64)
     for i in range(Na):
-        dots[:] = 0
-        ss = 0.0
-        for d in range(D):
-            av = m[2 * i, d]
-            ss += np.float64(av) * np.float64(av)
-            for j in range(Nb):
-                dots[j] += av * bt[d, j]
-        na = np.sqrt(ss)
-        best = -np.inf
-        bi = 0
+        if class_token and i == 0:  # the CLS row is all -inf: its first column
+            node_max[i] = -np.inf
+            node_idx[i] = 0
+            continue
         for j in range(Nb):
-            s = np.float64(dots[j]) / (na * nb[j])
-            if np.isnan(s):  # NaN ranks above every number (torch.max's rule)
-                s = np.inf
-            if (class_token and i == 0) or (distill_token and j == 0):
-                s = -np.inf
-            if s > best:  # strictly: the first of equal maxima wins
-                best = s
+            dot = np.float32(0)  # accumulates in the metric's dtype (float64 for float64)
+            for d in range(D):
+                dot += m[2 * i, d] * m[2 * j + 1, d]
+            score[j] = dot
+        for j in range(Nb):
+            s = score[j] / (norm[2 * i] * norm[2 * j + 1])
+            score[j] = np.inf if np.isnan(s) else s  # NaN ranks above every number
+        if distill_token:
+            score[0] = -np.inf
+        best = score[0]
+        bi = 0
+        for j in range(1, Nb):
+            if score[j] > best:  # strictly: the first of equal maxima wins
+                best = score[j]
                 bi = j
         node_max[i] = best
         node_idx[i] = bi
