@@ -170,6 +170,12 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
+def _chunks():
+    # rows handed out a few at a time rather than split evenly up front: a thread slowed by
+    # another process on its core then takes fewer rows
+    return numba.parallel_chunksize(2)
+
+
 def _npc(t: torch.Tensor) -> np.ndarray:
     # small tensors (sizes, indices, the metric) and gradients go in contiguous: every call then
     # uses one of few compiled signatures (numba compiles one per array layout)
@@ -187,7 +193,8 @@ def tome_match(metric: torch.Tensor, r: int, class_token: bool, distill_token: b
            torch.empty(B, r, dtype=torch.int64), torch.empty(B, N, dtype=torch.int64),
            torch.empty(B, N, dtype=torch.int64), torch.empty(B, N - r + 1, dtype=torch.int64))
     if B:
-        _match(_npc(metric), r, class_token, distill_token, *(t.numpy() for t in out))
+        with _chunks():
+            _match(_npc(metric), r, class_token, distill_token, *(t.numpy() for t in out))
     return out
 
 
@@ -199,8 +206,9 @@ def tome_merge_forward(x: torch.Tensor, size, dest, slot_src, slot_start):
     size_out = torch.empty(B, n_out, 1, dtype=x.dtype)
     if B and n_out:
         s = _npc(size) if size is not None else np.ones((1, 1, 1), dtype=out.numpy().dtype)
-        _merge_forward(_np(x), s, size is not None, _npc(slot_src), _npc(slot_start),
-                       out.numpy(), size_out.numpy())
+        with _chunks():
+            _merge_forward(_np(x), s, size is not None, _npc(slot_src), _npc(slot_start),
+                           out.numpy(), size_out.numpy())
     return out, size_out
 
 
@@ -213,7 +221,8 @@ def tome_merge_backward(grad_out, grad_size_out, x, size, x_out, size_out, dest,
         dummy = np.ones((1, 1, 1), dtype=gx.numpy().dtype)
         s = _npc(size) if size is not None else dummy
         gso = _npc(grad_size_out) if grad_size_out is not None else dummy
-        _merge_backward(_npc(grad_out), gso, grad_size_out is not None, _np(x), s,
-                        size is not None, _npc(x_out), _npc(size_out), _npc(dest),
-                        bool(size_grad) and size is not None, gx.numpy(), gs.numpy())
+        with _chunks():
+            _merge_backward(_npc(grad_out), gso, grad_size_out is not None, _np(x), s,
+                            size is not None, _npc(x_out), _npc(size_out), _npc(dest),
+                            bool(size_grad) and size is not None, gx.numpy(), gs.numpy())
     return gx, gs

@@ -12,6 +12,8 @@ Two ops, each dispatched on its own (``last_backend("tome_match")``,
   xray_ops::tome_merge  (x, size, matching) -> (x_out, size_out), differentiable in x and size;
                         its backward is a gather (each input token reads its output slot), so
                         no backend needs atomics.
+The triton, cuda and cpu merges are gathers in a fixed order: two runs are bitwise equal. The
+torch backend (the reference) uses scatter_add, which on CUDA accumulates with float atomics.
 """
 
 from __future__ import annotations
@@ -235,6 +237,10 @@ def tome_key_bias(size: torch.Tensor) -> torch.Tensor:
     ``xray_ops.reference.tome.attention``): a token that stands for s merged tokens then gets
     the attention weight of s identical keys, as in ToMe's ``attn + size.log()[:, None, None,
     :, 0]``.
+
+    Equivalent PyTorch::
+
+        size[..., 0].log()
     """
     _validate.tensor(size, "size", ndim=3, floating=True)
     if size.shape[2] != 1:
