@@ -171,6 +171,27 @@ def test_exact_ties_break_by_lower_index(device, backend):
     assert torch.equal(match.dest[0], match.dest[1])
 
 
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_exact_ties_across_score_tiles(device, backend):
+    # 150 B tokens span several score tiles in every kernel: prototypes 0-2 repeat in later
+    # tiles (the first occurrence must win), prototype 3 first appears at B index 131
+    protos = 2.0 * torch.eye(6)[:4]
+    b_proto = torch.tensor([j % 3 if j < 130 else j % 4 for j in range(150)])
+    a_proto = torch.randint(0, 4, (151,), generator=torch.Generator().manual_seed(3))
+    pick = torch.empty(301, dtype=torch.long)
+    pick[0::2], pick[1::2] = a_proto, b_proto
+    metric = protos[pick][None]
+    with xo.backend(backend):
+        match = xo.tome_match(metric.to(device), 40)
+    first_b = [b_proto.tolist().index(p) for p in range(4)]
+    assert first_b[3] == 131
+    assert match.src_idx[0].tolist() == list(range(1, 41))  # all tie: stable order
+    assert match.dst_idx[0].tolist() == [first_b[int(a_proto[i])] for i in range(1, 41)]
+    want = ref.tome_match(metric.double(), 40, True, False)
+    for name, got, exp in zip(match._fields, match, want):
+        assert torch.equal(got.cpu(), exp), name
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # 0/0 on purpose
 @pytest.mark.parametrize("device,backend", device_backends())
 def test_zero_norm_and_nan_metric_tokens(device, backend):
