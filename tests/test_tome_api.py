@@ -174,6 +174,26 @@ def test_merge_then_proportional_attention_end_to_end():
     torch.testing.assert_close(merged, full)
 
 
+def test_pre_merge_tokens_are_kept_only_for_the_size_gradient():
+    import gc
+    import weakref
+
+    metric = torch.randn(2, 15, 4)
+    for backend in ("torch", "cpu"):
+        for size_grad in (False, True):
+            x = torch.randn(2, 15, 6, requires_grad=True)
+            size = (torch.rand(2, 15, 1) + 0.5).requires_grad_(size_grad)
+            y = x * 2.0  # a non-leaf nothing else keeps (mul by a number saves no tensor)
+            alive = weakref.ref(y)
+            with xo.backend(backend):
+                out, size_out = xo.tome_merge(y, metric, 4, size=size)
+            del y
+            gc.collect()
+            assert (alive() is not None) == size_grad, (backend, size_grad)
+            (out.sum() + size_out.sum()).backward()
+            assert x.grad is not None and (size.grad is not None) == size_grad
+
+
 def test_r_clamp_and_no_op():
     x = torch.randn(2, 11, 4)
     metric = torch.randn(2, 11, 5)

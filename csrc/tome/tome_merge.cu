@@ -255,7 +255,10 @@ std::tuple<at::Tensor, at::Tensor> tome_merge_backward(
           size_out.stride(0), size_out.stride(1));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (vector_width<scalar_t>(C, {&grad_out, &x, &x_out, &gx}) > 1)
+    // x and x_out are read only for the size gradient (otherwise they may be placeholders)
+    const bool vec = sg ? vector_width<scalar_t>(C, {&grad_out, &x, &x_out, &gx}) > 1
+                        : vector_width<scalar_t>(C, {&grad_out, &gx}) > 1;
+    if (vec)
       launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
     else
       launch(std::integral_constant<int, 1>{});

@@ -359,19 +359,25 @@ def _setup_context(ctx, inputs, output):
     x, size, dest, slot_src, slot_start, backend = inputs
     x_out, size_out = output
     ctx.has_size = size is not None
-    ctx.save_for_backward(x, size if size is not None else x.new_empty(0), x_out, size_out, dest)
+    # x and x_out are read only for the gradient of size: keep them alive only then (in a ViT
+    # nothing else holds the pre-merge tokens, so saving x would cost a whole activation)
+    ctx.size_grad = size is not None and ctx.needs_input_grad[1]
+    ctx.x_shape = x.shape
+    ctx.save_for_backward(x if ctx.size_grad else None, size, x_out if ctx.size_grad else None,
+                          size_out, dest)
     ctx.backend = backend
 
 
 def _backward(ctx, grad_out, grad_size_out):
     x, size, x_out, size_out, dest = ctx.saved_tensors
-    size = size if ctx.has_size else None
-    size_grad = ctx.has_size and ctx.needs_input_grad[1]
     if grad_out is None:
-        grad_out = torch.zeros_like(x_out)
+        grad_out = torch.zeros_like(size_out).expand(*size_out.shape[:2], ctx.x_shape[2])
+    if not ctx.size_grad:  # placeholders of the right shape and dtype, never read
+        x = grad_out.new_empty(()).expand(ctx.x_shape)
+        x_out = grad_out
     grad_x, grad_size = _tome_merge_backward_op(grad_out, grad_size_out, x, size, x_out, size_out,
-                                                dest, size_grad, ctx.backend)
-    return grad_x, (grad_size if size_grad else None), None, None, None, None
+                                                dest, ctx.size_grad, ctx.backend)
+    return grad_x, (grad_size if ctx.size_grad else None), None, None, None, None
 
 
 _tome_merge_op.register_autograd(_backward, setup_context=_setup_context)
