@@ -5,6 +5,7 @@
 #include "evit/evit_select.h"
 #include "flash_attn/flash_fwd.h"
 #include "int8/int8.h"
+#include "tome/tome.h"
 
 #ifndef XRAY_OPS_CUDA_ARCHS
 #define XRAY_OPS_CUDA_ARCHS "unknown"
@@ -28,4 +29,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "LayerNorm + per-token int8 quantization: (x, weight, bias, eps) -> (x_q, scale)");
   m.def("int8_matmul", &xray_ops::int8_matmul,
         "int8 GEMM + fused epilogue: (a_q, b_q, a_scale, b_scale, bias, out_dtype, gelu) -> out");
+  m.def("tome_match", &xray_ops::tome_match,
+        "ToMe matching: (metric, r, class_token, distill_token) -> [unm_idx, src_idx, dst_idx, "
+        "dest, slot_src, slot_start]");
+  m.def("tome_merge_forward", &xray_ops::tome_merge_forward,
+        "ToMe merge forward: (x, size, dest, slot_src, slot_start) -> (x_out, size_out)");
+  m.def("tome_merge_backward", &xray_ops::tome_merge_backward,
+        "ToMe merge backward: (grad_out, grad_size_out, x, size, x_out, size_out, dest, "
+        "size_grad) -> (grad_x, grad_size)");
 }

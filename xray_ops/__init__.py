@@ -12,6 +12,10 @@ from .ops.evit import evit_keep_count, evit_select  # noqa: E402
 from .ops.int8 import int8_linear, int8_matmul, layernorm_quant, quantize_per_token  # noqa: E402
 from .ops.attention import (flash_attention, flash_attention_qkvpacked,  # noqa: E402
                             flash_attention_varlen)
+from .ops.tome import (  # noqa: E402
+    ToMeConfig, ToMeMatch, tome_key_bias, tome_match, tome_merge, tome_merge_source,
+    tome_unmerge,
+)
 from . import nn  # noqa: E402
 from .quantize import Int8Config, quantize_  # noqa: E402
 from .retrieval import EmbeddingIndex  # noqa: E402
@@ -22,4 +26,6 @@ __all__ = [
     "quantize_per_token", "layernorm_quant", "int8_matmul", "int8_linear", "Int8Config",
     "quantize_", "EmbeddingIndex",
     "flash_attention", "flash_attention_qkvpacked", "flash_attention_varlen",
+    "tome_merge", "tome_match", "tome_unmerge", "tome_merge_source", "tome_key_bias",
+    "ToMeMatch", "ToMeConfig",
 ]

@@ -8,6 +8,7 @@ OPS = {
     "int8": "int8",
     "int8_accuracy": "int8_accuracy",
     "flash_attention": "flash_attention",
+    "tome_merge": "tome_merge",
 }
 
 
