@@ -26,6 +26,7 @@ CSV_COLUMNS = ["op", "mode", "shape", "dtype", "backend", "ms", "gbps", "tflops"
                "torch", "triton", "commit", "date"]
 MODES = ("fwd", "bwd", "fwd+bwd")
 BASELINE = "eager"
+SDPA_PREFIX = "sdpa-"  # torch SDPA peers, one per forced backend ("sdpa-flash", ...)
 
 # Measured ceilings of the H200 (shared/ENVIRONMENT.md), for "% of peak" columns.
 H200_COPY_GBPS = 4300.0
@@ -219,18 +220,23 @@ def format_table(rows: Sequence[Row], cases: Sequence[Case] = ()) -> str:
     groups: dict[tuple, list[Row]] = {}
     for r in rows:
         groups.setdefault((r.op, r.shape, r.dtype, r.mode), []).append(r)
+    # a second ratio, against the fastest torch SDPA backend, where SDPA peers were timed
+    with_sdpa = any(r.backend.startswith(SDPA_PREFIX) for r in rows)
     header = f"{'op':<16} {'shape':<30} {'dtype':<8} {'mode':<8} {'backend':<14} " \
-             f"{'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'vs eager':>9}"
+             f"{'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'vs eager':>9}" + \
+             (f" {'vs SDPA':>8}" if with_sdpa else "")
     out.append(header)
     out.append("-" * len(header))
     for (op, shape, dtype, mode), rs in groups.items():
         base = next((r.ms for r in rs if r.backend == BASELINE), None)
+        sdpa = min((r.ms for r in rs if r.backend.startswith(SDPA_PREFIX)), default=None)
         for r in rs:
-            ratio = f"{base / r.ms:8.2f}x" if base else "      -"
+            ratio = f"{base / r.ms:8.2f}x" if base else "        -"
             gb = f"{r.gbps:8.1f}" if r.gbps is not None else "       -"
             tf = f"{r.tflops:8.2f}" if r.tflops is not None else "       -"
+            vs = (f" {sdpa / r.ms:7.2f}x" if sdpa else "        -") if with_sdpa else ""
             out.append(f"{op:<16} {shape:<30} {dtype:<8} {mode:<8} {r.backend:<14} "
-                       f"{r.ms:9.4f} {gb} {tf} {ratio}")
+                       f"{r.ms:9.4f} {gb} {tf} {ratio}{vs}")
     notes = [(c.op, c.shape, k, v) for c in cases for k, v in c.skipped.items()]
     if notes:
         out.append("")

@@ -44,6 +44,16 @@ def test_run_cases_csv_table_and_plot(tmp_path, monkeypatch):
     assert pngs and all(os.path.getsize(p) > 1000 for p in pngs)
 
 
+def test_table_ratio_against_best_sdpa_peer():
+    rows = [harness.Row("attn", "fwd", "N=197", "bf16", name, ms, None, None)
+            for name, ms in (("eager", 4.0), ("sdpa-flash", 2.0), ("sdpa-math", 3.0),
+                             ("triton", 1.0))]
+    table = harness.format_table(rows)
+    assert "vs SDPA" in table
+    line = next(l for l in table.splitlines() if " triton " in l)
+    assert line.split()[-2:] == ["4.00x", "2.00x"]
+
+
 def test_failing_implementation_is_reported_not_fatal():
     case = _tiny_case()
 
