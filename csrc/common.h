@@ -37,6 +37,42 @@ struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
+// VEC elements of T as float: one 16-byte load when VEC > 1 (the caller guarantees a unit
+// stride and alignment on that path), a scalar load otherwise.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_pack(const T* p, float (&v)[VEC]) {
+  if constexpr (VEC > 1) {
+    const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = static_cast<float>(pk.v[k]);
+  } else {
+    v[0] = static_cast<float>(p[0]);
+  }
+}
+
+// VEC floats stored as T (one cast each), as one transaction when VEC > 1.
+template <typename T, int VEC>
+__device__ __forceinline__ void store_pack(T* p, const float (&v)[VEC]) {
+  if constexpr (VEC > 1) {
+    Pack<T, VEC> pk;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) pk.v[k] = static_cast<T>(v[k]);
+    *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+  } else {
+    p[0] = static_cast<T>(v[0]);
+  }
+}
+
+// VEC elements copied bit for bit.
+template <typename T, int VEC>
+__device__ __forceinline__ void copy_pack(T* dst, const T* src) {
+  if constexpr (VEC > 1) {
+    *reinterpret_cast<Pack<T, VEC>*>(dst) = *reinterpret_cast<const Pack<T, VEC>*>(src);
+  } else {
+    dst[0] = src[0];
+  }
+}
+
 inline bool aligned_to(const void* p, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }

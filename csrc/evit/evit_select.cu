@@ -31,38 +31,6 @@ __device__ __forceinline__ bool precedes(float ai, int i, float aj, int j) {
 }
 
 template <typename T, int VEC>
-__device__ __forceinline__ void load_pack(const T* p, int64_t stride, float (&v)[VEC]) {
-  if constexpr (VEC > 1) {
-    const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) v[k] = static_cast<float>(pk.v[k]);
-  } else {
-    v[0] = static_cast<float>(p[0]);
-  }
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void copy_pack(T* dst, const T* src, int64_t src_stride) {
-  if constexpr (VEC > 1) {
-    *reinterpret_cast<Pack<T, VEC>*>(dst) = *reinterpret_cast<const Pack<T, VEC>*>(src);
-  } else {
-    dst[0] = src[0];
-  }
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void store_pack(T* dst, const float (&v)[VEC]) {
-  if constexpr (VEC > 1) {
-    Pack<T, VEC> pk;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) pk.v[k] = static_cast<T>(v[k]);
-    *reinterpret_cast<Pack<T, VEC>*>(dst) = pk;
-  } else {
-    dst[0] = static_cast<T>(v[0]);
-  }
-}
-
-template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     evit_select_fwd_kernel(const T* __restrict__ x,   // (B, N, C), strides sx*
                            const T* __restrict__ a,   // (B, P), strides sa*
@@ -101,7 +69,7 @@ __global__ void __launch_bounds__(kThreads)
     // rows 0..keep of the output: CLS then the kept tokens in rank order
     for (int s = warp; s < 1 + keep; s += kWarps) {
       const int src = s == 0 ? 0 : 1 + s_order[s - 1];
-      if (active) copy_pack<T, VEC>(ob + (int64_t)s * C + c, xb + src * sxn + c * sxc, sxc);
+      if (active) copy_pack<T, VEC>(ob + (int64_t)s * C + c, xb + src * sxn + c * sxc);
     }
     if (fuse) {
       float acc[VEC];
@@ -112,7 +80,7 @@ __global__ void __launch_bounds__(kThreads)
         const float w = s_a[j];
         if (active) {
           float v[VEC];
-          load_pack<T, VEC>(xb + (1 + j) * sxn + c * sxc, sxc, v);
+          load_pack<T, VEC>(xb + (1 + j) * sxn + c * sxc, v);
 #pragma unroll
           for (int k = 0; k < VEC; ++k) acc[k] += w * v[k];
         }
@@ -156,7 +124,7 @@ __global__ void __launch_bounds__(kThreads)
 
   if (blockIdx.y == 0)  // the CLS token's gradient passes through
     for (int c = tid * VEC; c < C; c += kThreads * VEC)
-      copy_pack<T, VEC>(gxb + c, gob + c * sgc, sgc);
+      copy_pack<T, VEC>(gxb + c, gob + c * sgc);
 
   const int j = blockIdx.y * kWarps + warp;
   if (j >= P) return;
@@ -167,14 +135,14 @@ __global__ void __launch_bounds__(kThreads)
   T* row = gxb + (int64_t)(1 + j) * C;
   if (r < keep) {
     for (int c = lane * VEC; c < C; c += 32 * VEC)
-      copy_pack<T, VEC>(row + c, gob + (1 + r) * sgn + c * sgc, sgc);
+      copy_pack<T, VEC>(row + c, gob + (1 + r) * sgn + c * sgc);
     if (lane == 0) ga[b * P + j] = static_cast<T>(0.f);
   } else if (fuse) {
     float dot = 0.f;
     for (int c = lane * VEC; c < C; c += 32 * VEC) {
       float g[VEC], v[VEC], o[VEC];
-      load_pack<T, VEC>(gob + (1 + keep) * sgn + c * sgc, sgc, g);
-      load_pack<T, VEC>(xb + (1 + j) * sxn + c * sxc, sxc, v);
+      load_pack<T, VEC>(gob + (1 + keep) * sgn + c * sgc, g);
+      load_pack<T, VEC>(xb + (1 + j) * sxn + c * sxc, v);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         o[k] = aj * g[k];

@@ -36,17 +36,6 @@ __device__ __forceinline__ float block_reduce(float v, float* smem) {
   return kMax ? warp_max(r) : warp_sum(r);
 }
 
-template <typename T, int VEC>
-__device__ __forceinline__ void load_vec(const T* p, float (&v)[VEC]) {
-  if constexpr (VEC > 1) {
-    const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) v[e] = static_cast<float>(pk.v[e]);
-  } else {
-    v[0] = static_cast<float>(p[0]);
-  }
-}
-
 // scale of a row: absmax / 127 (IEEE), 1 for an all-zero row, NaN for a row holding NaN
 __device__ __forceinline__ float row_scale(float absmax, bool has_nan) {
   float s = __fdiv_rn(absmax, 127.f);
@@ -69,7 +58,7 @@ __device__ __forceinline__ void load_row(const T* xr, int K, float (&v)[NP][VEC]
   for (int p = 0; p < NP; ++p) {
     const int c = (threadIdx.x + p * blockDim.x) * VEC;
     if (c < K) {  // K % VEC == 0 on the vector path: whole packs
-      load_vec<T, VEC>(xr + c, v[p]);
+      load_pack<T, VEC>(xr + c, v[p]);
     } else {
 #pragma unroll
       for (int e = 0; e < VEC; ++e) v[p][e] = 0.f;

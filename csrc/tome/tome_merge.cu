@@ -18,29 +18,6 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
 template <typename T, int VEC>
-__device__ __forceinline__ void load_vec(const T* p, int64_t stride, float (&v)[VEC]) {
-  if constexpr (VEC > 1) {
-    const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) v[k] = static_cast<float>(pk.v[k]);
-  } else {
-    v[0] = static_cast<float>(p[0]);
-  }
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void store_vec(T* p, const float (&v)[VEC]) {
-  if constexpr (VEC > 1) {
-    Pack<T, VEC> pk;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) pk.v[k] = static_cast<T>(v[k]);
-    *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
-  } else {
-    p[0] = static_cast<T>(v[0]);
-  }
-}
-
-template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     tome_merge_fwd_kernel(const T* __restrict__ x,              // (B, N, C), strides sx*
                           const T* __restrict__ size,           // (B, N, 1), strides ss* or null
@@ -69,13 +46,13 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t p = group[t];
       const float s = size ? static_cast<float>(size[b * ssb + p * ssn]) : 1.f;
       float v[VEC];
-      load_vec<T, VEC>(xb + p * sxn + c * sxc, sxc, v);
+      load_pack<T, VEC>(xb + p * sxn + c * sxc, v);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) acc[k] = fmaf(s, v[k], acc[k]);
     }
 #pragma unroll
     for (int k = 0; k < VEC; ++k) acc[k] = __fdiv_rn(acc[k], total);
-    store_vec<T, VEC>(orow + c, acc);
+    store_pack<T, VEC>(orow + c, acc);
   }
   if (lane == 0) size_out[b * n_out + o] = static_cast<T>(total);
 }
@@ -110,14 +87,14 @@ __global__ void __launch_bounds__(kThreads)
   float dot = 0.f;
   for (int c = lane * VEC; c < C; c += 32 * VEC) {
     float g[VEC], r[VEC];
-    load_vec<T, VEC>(grow + c * sgc, sgc, g);
+    load_pack<T, VEC>(grow + c * sgc, g);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) r[k] = w * g[k];
-    store_vec<T, VEC>(gxrow + c, r);
+    store_pack<T, VEC>(gxrow + c, r);
     if (size_grad) {
       float xv[VEC], ov[VEC];
-      load_vec<T, VEC>(xrow + c * sxc, sxc, xv);
-      load_vec<T, VEC>(orow + c * soc, soc, ov);
+      load_pack<T, VEC>(xrow + c * sxc, xv);
+      load_pack<T, VEC>(orow + c * soc, ov);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) dot = fmaf(g[k], xv[k] - ov[k], dot);
     }
