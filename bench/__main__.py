@@ -65,9 +65,10 @@ def main(argv=None) -> int:
         if not a.no_csv and rows:
             path = harness.append_csv(rows, device, a.csv)
             print(f"appended {len(rows)} rows to {path}", file=sys.stderr)
-    print(f"device: {harness.device_name(device)}  torch {torch.__version__}  "
-          f"commit {harness.commit()}")
-    print(harness.format_table(all_rows, all_cases))
+    if all_rows or all_cases:
+        print(f"device: {harness.device_name(device)}  torch {torch.__version__}  "
+              f"commit {harness.commit()}")
+        print(harness.format_table(all_rows, all_cases))
     return 0
 
 

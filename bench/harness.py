@@ -78,7 +78,9 @@ def commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        # results being appended to do not make the measured code dirty
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":!bench/results"],
                                cwd=root, capture_output=True, text=True, timeout=10).stdout
         return (sha or "unknown") + ("-dirty" if dirty.strip() else "")
     except (OSError, subprocess.SubprocessError):

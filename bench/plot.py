@@ -6,7 +6,7 @@ import csv
 import glob
 import os
 
-from .harness import BASELINE, RESULTS_DIR
+from .harness import BASELINE, CSV_COLUMNS, RESULTS_DIR
 
 
 def _latest(rows: list[dict]) -> list[dict]:
@@ -26,7 +26,10 @@ def plot_csv(path: str, out_dir: str | None = None) -> list[str]:
     import matplotlib.pyplot as plt
 
     with open(path) as f:
-        rows = _latest(list(csv.DictReader(f)))
+        reader = csv.DictReader(f)
+        if not set(CSV_COLUMNS) <= set(reader.fieldnames or ()):
+            return []  # not a timing CSV (e.g. int8_accuracy.csv)
+        rows = _latest(list(reader))
     out_dir = out_dir or os.path.dirname(path)
     os.makedirs(out_dir, exist_ok=True)
     device = os.path.splitext(os.path.basename(path))[0]
