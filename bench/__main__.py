@@ -1,4 +1,4 @@
-"""python -m bench <op|all> [--quick] | python -m bench plot
+"""python -m bench <op|all> [--quick] | python -m bench plot | python -m bench summary --csv F
 
 Times every available implementation of an op side by side, prints a table with ratios against
 PyTorch eager, and appends the rows to bench/results/<device>.csv.
@@ -20,7 +20,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", help=f"an op ({', '.join(OPS)}), 'all', or 'plot'")
+    p.add_argument("what", help=f"an op ({', '.join(OPS)}), 'all', 'plot', or 'summary' "
+                                "(a narrow table of --csv)")
     p.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when available")
@@ -35,6 +36,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="plot: folder for the PNGs")
     a = p.parse_args(argv)
 
+    if a.what == "summary":  # a narrow table of the newest rows of a results CSV
+        print(harness.format_compact(harness.read_csv(a.csv or p.error("summary needs --csv"))))
+        return 0
     if a.what == "plot":
         from .plot import plot_all
 

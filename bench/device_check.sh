@@ -54,8 +54,6 @@ tar -czf "$OUT/plots.tar.gz" -C "$OUT" plots bench.log 2>/dev/null && rm -rf "$O
   echo; echo "== info =="; grep -E "device:|cuda |triton |extension" "$OUT/info.txt"
   echo; echo "== failures =="; grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu.log" | head -15
   echo; echo "== bench (speedup vs eager) =="
-  # op shape mode backend ms, then the ratios (vs eager, and vs the best SDPA where timed)
-  grep -E "x$" "$OUT/bench.log" | awk '{r=""; for (i = 9; i <= NF; i++) r = r " " $i;
-                                       print $1, $2, $4, $5, $6 r}' | tail -70
+  [ -f "$OUT/bench.csv" ] && $PY -m bench summary --csv "$OUT/bench.csv" | tail -80
 } | tee -a "$OUT/summary.txt"
 stamp "done"

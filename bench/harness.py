@@ -216,6 +216,37 @@ def append_csv(rows: Sequence[Row], device: str, path: str | None = None) -> str
     return path
 
 
+def read_csv(path: str) -> list[Row]:
+    """The newest row of each (op, mode, shape, dtype, backend) in a results CSV."""
+    newest: dict[tuple, dict] = {}
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            key = (r["op"], r["mode"], r["shape"], r["dtype"], r["backend"])
+            if key not in newest or r["date"] >= newest[key]["date"]:
+                newest[key] = r
+    num = lambda v: float(v) if v else None  # noqa: E731
+    return [Row(r["op"], r["mode"], r["shape"], r["dtype"], r["backend"], float(r["ms"]),
+                num(r["gbps"]), num(r["tflops"])) for r in newest.values()]
+
+
+def format_compact(rows: Sequence[Row]) -> str:
+    """A narrow table (for logs with little room): op, shape, mode, backend, ms, ratios."""
+    groups: dict[tuple, list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.op, r.shape, r.dtype, r.mode), []).append(r)
+    out = [f"{'op':<15} {'shape':<34} {'mode':<7} {'backend':<14} {'ms':>9} "
+           f"{'xEager':>7} {'xSDPA':>6}"]
+    for (op, shape, _, mode), rs in groups.items():
+        base = next((r.ms for r in rs if r.backend == BASELINE), None)
+        sdpa = min((r.ms for r in rs if r.backend.startswith(SDPA_PREFIX)), default=None)
+        for r in rs:
+            e = f"{base / r.ms:6.2f}x" if base else "      -"
+            v = f"{sdpa / r.ms:5.2f}x" if sdpa else "     -"
+            out.append(f"{op[:15]:<15} {shape[:34]:<34} {mode:<7} {r.backend[:14]:<14} "
+                       f"{r.ms:9.4f} {e} {v}")
+    return "\n".join(out)
+
+
 def format_table(rows: Sequence[Row], cases: Sequence[Case] = ()) -> str:
     """Per (op, shape, dtype, mode): each backend's ms, GB/s or TFLOP/s, and speedup vs eager."""
     out = []

@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import glob
 import os
 
-from .harness import BASELINE, CSV_COLUMNS, RESULTS_DIR
-
-
-def _latest(rows: list[dict]) -> list[dict]:
-    """The newest measurement of each (op, mode, shape, dtype, backend)."""
-    best: dict[tuple, dict] = {}
-    for r in rows:
-        key = (r["op"], r["mode"], r["shape"], r["dtype"], r["backend"])
-        if key not in best or r["date"] >= best[key]["date"]:
-            best[key] = r
-    return list(best.values())
+from .harness import BASELINE, CSV_COLUMNS, RESULTS_DIR, read_csv
 
 
 def plot_csv(path: str, out_dir: str | None = None) -> list[str]:
@@ -29,7 +20,7 @@ def plot_csv(path: str, out_dir: str | None = None) -> list[str]:
         reader = csv.DictReader(f)
         if not set(CSV_COLUMNS) <= set(reader.fieldnames or ()):
             return []  # not a timing CSV (e.g. int8_accuracy.csv)
-        rows = _latest(list(reader))
+    rows = [dataclasses.asdict(r) for r in read_csv(path)]
     out_dir = out_dir or os.path.dirname(path)
     os.makedirs(out_dir, exist_ok=True)
     device = os.path.splitext(os.path.basename(path))[0]

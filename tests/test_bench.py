@@ -36,6 +36,10 @@ def test_run_cases_csv_table_and_plot(tmp_path, monkeypatch):
         got = list(csv.DictReader(f))
     assert list(got[0].keys()) == harness.CSV_COLUMNS
     assert len(got) == len(rows) and got[0]["torch"] == torch.__version__
+    back = harness.read_csv(path)
+    assert {(r.mode, r.backend) for r in back} == {(r.mode, r.backend) for r in rows}
+    compact = harness.format_compact(back)
+    assert "xEager" in compact and len(compact.splitlines()) == len(rows) + 1
     table = harness.format_table(rows, [case])
     assert "vs eager" in table and "1.00x" in table
     from bench.plot import plot_csv
