@@ -119,6 +119,17 @@ def bhn_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
 # kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _program_block(N, H, BLOCK: tl.constexpr):
+    """One flat grid axis over (batch, head, block of N): (b, h, block index), b and h int64.
+
+    The blocks of one (b, h) are adjacent, so they run together and share that head in L2."""
+    pid = tl.program_id(0)
+    num = tl.cdiv(N, BLOCK)
+    bh = (pid // num).to(tl.int64)
+    return bh // H, bh % H, pid % num
+
+
+@triton.jit
 def _seq_start_len(CU_ptr, b, N, VARLEN: tl.constexpr):
     """Start row and length of sample b: (0, N) dense, from cu_seqlens when VARLEN."""
     if VARLEN:
@@ -208,14 +219,8 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # one flat grid axis (no 65535 limit on B·H): the query blocks of one (b, h) are adjacent,
-    # so they run together and share that head's K/V in L2
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(N_Q, BLOCK_M)
-    bh = (pid // num_m).to(tl.int64)
-    start_m = pid % num_m
-    b = bh // H
-    h = bh % H
+    # one flat grid axis: no 65535 limit on B·H
+    b, h, start_m = _program_block(N_Q, H, BLOCK_M)
     q_start, len_q = _seq_start_len(CU_Q_ptr, b, N_Q, VARLEN)
     k_start, len_k = _seq_start_len(CU_K_ptr, b, N_K, VARLEN)
 

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attention import (INTERPRETING, LOG2E, _config, _configs, _row0_log2_probs,
-                              _seq_start_len, _varlen_args, bhn_strides, bhnd_strides,
+from .flash_attention import (INTERPRETING, LOG2E, _config, _configs, _program_block,
+                              _row0_log2_probs, _seq_start_len, _varlen_args, bhn_strides, bhnd_strides,
                               bn_strides, head_dim_blocks, input_precision, launch,
                               prune_configs)
 
@@ -88,12 +88,7 @@ def _attn_bwd_preprocess_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(N_Q, BLOCK_M)
-    bh = (pid // num_m).to(tl.int64)
-    start_m = pid % num_m
-    b = bh // H
-    h = bh % H
+    b, h, start_m = _program_block(N_Q, H, BLOCK_M)
     q_start, len_q = _seq_start_len(CU_Q_ptr, b, N_Q, VARLEN)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < len_q
@@ -182,12 +177,7 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N_K, BLOCK_N)
-    bh = (pid // num_n).to(tl.int64)
-    start_n = pid % num_n
-    b = bh // H
-    h = bh % H
+    b, h, start_n = _program_block(N_K, H, BLOCK_N)
     q_start, len_q = _seq_start_len(CU_Q_ptr, b, N_Q, VARLEN)
     k_start, len_k = _seq_start_len(CU_K_ptr, b, N_K, VARLEN)
     q_base = Q_ptr + b * stride_qb + h * stride_qh + q_start * stride_qm
@@ -325,12 +315,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(N_Q, BLOCK_M)
-    bh = (pid // num_m).to(tl.int64)
-    start_m = pid % num_m
-    b = bh // H
-    h = bh % H
+    b, h, start_m = _program_block(N_Q, H, BLOCK_M)
     q_start, len_q = _seq_start_len(CU_Q_ptr, b, N_Q, VARLEN)
     k_start, len_k = _seq_start_len(CU_K_ptr, b, N_K, VARLEN)
     q_base = Q_ptr + b * stride_qb + h * stride_qh + q_start * stride_qm
