@@ -174,7 +174,10 @@ setup(
     description="Fused Triton and CUDA kernels for vision transformers: EViT, ToMe, flash "
     "attention with CLS row and key bias, int8 inference",
     python_requires=">=3.10",
-    packages=find_packages(include=["xray_ops", "xray_ops.*"]) + ["xray_ops.kernels"],
+    # reference_model: the reference Xray-Visual model, its data, training and evaluation (a
+    # top-level package that uses only xray_ops' public API)
+    packages=find_packages(include=["xray_ops", "xray_ops.*", "reference_model",
+                                    "reference_model.*"]) + ["xray_ops.kernels"],
     package_dir={"xray_ops.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
@@ -184,6 +187,16 @@ setup(
         "cpu": ["numba>=0.59"],
         "nvtx": ["nvtx"],
         "bench": ["matplotlib", "tqdm", "rich"],
+        # the reference model: text towers (open_clip's BPE tokenizer, a frozen Hugging Face
+        # encoder), openclipart rendering, YAML configs, webdataset shards, checkpoints
+        "model": ["timm", "open_clip_torch", "transformers", "safetensors", "cairosvg", "pyyaml",
+                  "webdataset", "tqdm", "matplotlib"],
+    },
+    entry_points={
+        "console_scripts": [
+            "xray-train = reference_model.train.__main__:main",
+            "xray-eval = reference_model.eval.__main__:main",
+        ],
     },
     zip_safe=False,
 )

@@ -232,3 +232,24 @@ def test_module_schedule():
     m.eval()
     out, idx = m(x, a)
     assert idx.shape == (2, 5)
+
+
+# ----------------------------------------------------------------------------------------------
+# EViTConfig
+# ----------------------------------------------------------------------------------------------
+def test_evit_config_validates_and_makes_modules():
+    cfg = xo.EViTConfig(keep_rate=0.5, locations=[6, 3], warmup_steps=2, shrink_steps=4)
+    assert cfg.locations == (3, 6)
+    cfg.check_depth(7)
+    with pytest.raises(ValueError, match="locations"):
+        cfg.check_depth(6)
+    sel = cfg.make_select()
+    assert isinstance(sel, xo.nn.EViTSelect)
+    assert (sel.keep_rate, sel.fuse, sel.warmup_steps, sel.shrink_steps) == (0.5, True, 2, 4)
+    assert sel.rate_at(0) == 1.0 and sel.rate_at(6) == 0.5
+    for bad, exc in [(dict(keep_rate=0.0), ValueError), (dict(keep_rate=1.5), ValueError),
+                     (dict(locations=(3, 3)), ValueError), (dict(locations=(-1,)), ValueError),
+                     (dict(locations=3), TypeError), (dict(fuse=1), TypeError),
+                     (dict(warmup_steps=-1), ValueError)]:
+        with pytest.raises(exc):
+            xo.EViTConfig(**bad)

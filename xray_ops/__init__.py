@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 from ._dispatch import BackendError, backend, last_backend, set_backend  # noqa: E402
 from ._info import info  # noqa: E402
-from .ops.evit import evit_keep_count, evit_select  # noqa: E402
+from .ops.evit import EViTConfig, evit_keep_count, evit_select  # noqa: E402
 from .ops.int8 import int8_linear, int8_matmul, layernorm_quant, quantize_per_token  # noqa: E402
 from .ops.attention import (flash_attention, flash_attention_qkvpacked,  # noqa: E402
                             flash_attention_varlen)
@@ -22,7 +22,7 @@ from .retrieval import EmbeddingIndex  # noqa: E402
 
 __all__ = [
     "__version__", "info", "set_backend", "backend", "last_backend", "BackendError",
-    "evit_select", "evit_keep_count", "nn",
+    "evit_select", "evit_keep_count", "EViTConfig", "nn",
     "quantize_per_token", "layernorm_quant", "int8_matmul", "int8_linear", "Int8Config",
     "quantize_", "EmbeddingIndex",
     "flash_attention", "flash_attention_qkvpacked", "flash_attention_varlen",

@@ -7,6 +7,7 @@ Public: :func:`evit_select`, :func:`evit_keep_count`. The definition lives in
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -67,6 +68,58 @@ def evit_select(x: torch.Tensor, cls_attn: torch.Tensor, keep: int, *, fuse: boo
     _validate.integer(keep, "keep", lo=1, hi=N - 1)
     _validate.boolean(fuse, "fuse")
     return torch.ops.xray_ops.evit_select(x, cls_attn, keep, fuse, _dispatch.requested_backend())
+
+
+@dataclasses.dataclass(frozen=True)
+class EViTConfig:
+    """EViT settings for a model: ``EViTConfig(keep_rate=0.7, locations=(3, 6, 9), fuse=True)``.
+
+    keep_rate: fraction of the patch tokens kept at each location, in (0, 1]
+        (``evit_keep_count(N - 1, keep_rate)`` tokens).
+    locations: indices of the blocks after whose attention tokens are reorganized
+        (EViT's ViT-S/B default: 3, 6, 9); any iterable of distinct ints >= 0, kept sorted.
+    fuse: append the fused token of the dropped ones (EViT's "inattentive token fusion").
+    warmup_steps, shrink_steps: EViT's keep-rate schedule in training (1.0 for warmup_steps
+        optimizer steps, then a cosine down to keep_rate over shrink_steps); evaluation always
+        uses keep_rate. See :class:`xray_ops.nn.EViTSelect`.
+    """
+
+    keep_rate: float = 0.7
+    locations: tuple = (3, 6, 9)
+    fuse: bool = True
+    warmup_steps: int = 0
+    shrink_steps: int = 0
+
+    def __post_init__(self):
+        _validate.number(self.keep_rate, "keep_rate", lo=0.0, hi=1.0, lo_open=True)
+        try:
+            locs = tuple(self.locations)
+        except TypeError:
+            raise TypeError(f"locations: expected an iterable of ints, got "
+                            f"{type(self.locations).__name__} ({self.locations!r})") from None
+        for i, v in enumerate(locs):
+            _validate.integer(v, f"locations[{i}]", lo=0)
+        if len(set(locs)) != len(locs):
+            raise ValueError(f"locations: expected distinct block indices, got {locs}")
+        object.__setattr__(self, "locations", tuple(sorted(locs)))
+        _validate.boolean(self.fuse, "fuse")
+        _validate.integer(self.warmup_steps, "warmup_steps", lo=0)
+        _validate.integer(self.shrink_steps, "shrink_steps", lo=0)
+
+    def check_depth(self, depth: int) -> None:
+        """ValueError unless every location is a block index of a model with ``depth`` blocks."""
+        _validate.integer(depth, "depth", lo=1)
+        bad = [i for i in self.locations if i >= depth]
+        if bad:
+            raise ValueError(f"locations: expected block indices in [0, {depth - 1}] for a model "
+                             f"of depth {depth}, got {bad}")
+
+    def make_select(self):
+        """A fresh :class:`xray_ops.nn.EViTSelect` with these settings (one per location)."""
+        from ..nn.evit import EViTSelect
+
+        return EViTSelect(self.keep_rate, fuse=self.fuse, warmup_steps=self.warmup_steps,
+                          shrink_steps=self.shrink_steps)
 
 
 # ----------------------------------------------------------------------------------------------
