@@ -169,7 +169,9 @@ class VisionTransformer(nn.Module):
         gh, gw = cfg.grid_size
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + gh * gw, D))
         self.time_embed = nn.Parameter(torch.zeros(1, cfg.time_size, D))
-        dpr = [float(v) for v in torch.linspace(0, cfg.drop_path_rate, cfg.depth)]
+        # stochastic depth rising linearly to drop_path_rate (timm's rule), in Python so the
+        # model also builds on the meta device
+        dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.Sequential(*[
             Block(D, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.init_values, dpr[i], ops)
             for i in range(cfg.depth)])
