@@ -113,6 +113,8 @@ class StandInMAE(nn.Module):
 
 
 class StandInHashtag(nn.Module):
+    loss_kind = "softmax"
+
     def __init__(self, vit, num_tags):
         super().__init__()
         self.vit = vit
@@ -138,9 +140,11 @@ class StandInText(nn.Module):
 
 
 class StandInCLIP(nn.Module):
+    siamese_weight = 0.5
+
     def __init__(self, vit, text, embed_dim=16):
         super().__init__()
-        self.vit, self.text = vit, text
+        self.vit, self.text, self.embed_dim = vit, text, embed_dim
         self.img_proj = nn.Linear(vit.embed_dim, embed_dim, bias=False)
         self.txt_proj = nn.Linear(32, embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
@@ -154,10 +158,13 @@ class StandInCLIP(nn.Module):
     def forward(self, x, captions):
         return self.encode_image(x), self.encode_text(captions), self.logit_scale.exp()
 
-    def loss(self, img, txt, scale):
+    def loss(self, img, txt, scale, txt2=None):
         labels = torch.arange(len(img))
         logits = scale * img @ txt.T
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        if txt2 is not None:
+            loss = loss + self.siamese_weight * (1 - (txt * txt2).sum(-1)).mean()
+        return loss
 
 
 def standin_text(kind, *, model, ops, **overrides):

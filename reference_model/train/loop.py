@@ -137,7 +137,9 @@ def run_stage(cfg: TrainConfig, task: Task, d, sources: dict, *, log: MetricsLog
     sc = cfg.stage_config(stage)
     stage_dir = os.path.join(cfg.out, stage)
     device = d.device
-    resumed = None
+    resumed, teacher = None, None
+    if teacher_path and cfg.distill.weight > 0:
+        teacher = load_teacher(teacher_path, task, device, ops=cfg.ops)
     if resume_path:
         tensors, meta = ckpt.load_checkpoint(resume_path)
         if meta["stage"] != stage:
@@ -146,6 +148,8 @@ def run_stage(cfg: TrainConfig, task: Task, d, sources: dict, *, log: MetricsLog
         resumed, spec = (tensors, meta), meta["spec"]
     else:
         spec = task.spec(cfg, [ds for ds in sources.values() if ds is not None])
+        if teacher is not None:
+            spec = task.adapt_to_teacher(spec, teacher)
 
     # the same initial weights on every rank
     torch.manual_seed(cfg.seed)
@@ -197,10 +201,6 @@ def run_stage(cfg: TrainConfig, task: Task, d, sources: dict, *, log: MetricsLog
         rng["tensors"] = {k.split(".")[-1]: v for k, v in tensors.items()
                           if k.startswith(f"rng.{rank_key}.")}
         log.truncate(stage, start)
-
-    teacher = None
-    if teacher_path and cfg.distill.weight > 0:
-        teacher = load_teacher(teacher_path, task, device, ops=cfg.ops)
 
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16

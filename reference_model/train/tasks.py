@@ -8,9 +8,8 @@ trainer uses of the model package (README "Model"); the default is ``reference_m
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +29,13 @@ class ModelAPI:
 
 def default_api() -> ModelAPI:
     import reference_model as rm
-    from reference_model import text
+    from reference_model.text import create_text_tower
+
+    def text_tower(kind, *, model, ops, **overrides):
+        return create_text_tower(kind, rm.get_config(model, **overrides), ops=ops)
 
     return ModelAPI(create_vit=rm.create_vit, mae=rm.MAEModel, hashtag=rm.HashtagModel,
-                    clip=rm.CLIPModel, text_tower=text.build_text_tower)
+                    clip=rm.CLIPModel, text_tower=text_tower)
 
 
 def find_encoder(model: nn.Module) -> nn.Module:
@@ -80,6 +82,10 @@ class Task:
 
     def loss(self, call: nn.Module, model: nn.Module, x: torch.Tensor, batch: dict, d):
         raise NotImplementedError  # pragma: no cover - abstract
+
+    def adapt_to_teacher(self, spec: dict, teacher: nn.Module) -> dict:
+        """The student's spec adjusted so its outputs compare with the teacher's."""
+        return spec
 
     def distill_loss(self, outputs: dict, teacher: nn.Module, x, batch, dcfg) -> torch.Tensor:
         raise ValueError(f"distillation: the {self.stage} stage has no distillation loss "
@@ -134,24 +140,33 @@ class HashtagTask(Task):
         targets = self._targets(model, batch, logits.device)
         return model.loss(logits.float(), targets), {"logits": logits}
 
+    def adapt_to_teacher(self, spec, teacher):
+        # logit distillation compares tag by tag: the student takes the teacher's vocabulary
+        return dict(spec, vocab=teacher._train_spec["vocab"])
+
     def distill_loss(self, outputs, teacher, x, batch, dcfg):
+        from reference_model.losses import logit_distillation_loss
+
         with torch.no_grad():
             t_logits = teacher(x).float()
-        return logit_kl(outputs["logits"].float(), t_logits, dcfg.temperature)
+        kind = "sigmoid" if getattr(teacher, "loss_kind", "softmax") == "bce" else "softmax"
+        return logit_distillation_loss(outputs["logits"].float(), t_logits,
+                                       temperature=dcfg.temperature, kind=kind)
 
 
 class CLIPTask(Task):
-    """Contrastive image-text training. Under DDP the embeddings of every rank are gathered with
+    """Contrastive image-text training, plus the caption-siamese loss on the second caption
+    (``siamese_weight`` of the model). Under DDP the embeddings of every rank are gathered with
     their gradients and each rank computes the loss of its own rows against all columns
-    (open_clip's local_loss + gather_with_grad): the same gradient as one process on the global
-    batch. Distillation: the student's image↔text similarity distributions match the teacher's
-    (affinity mimicking, as TinyCLIP), which works across embedding widths."""
+    (open_clip's local_loss + gather_with_grad): the gradient of one process on the global
+    batch. Distillation: 1 - cos between the student's and the teacher's image and text
+    embeddings (the student is built with the teacher's embedding width)."""
 
     stage = "clip"
 
     def spec(self, cfg, datasets) -> dict:
         spec = super().spec(cfg, datasets)
-        spec["kwargs"].setdefault("text", "transformer")
+        spec["kwargs"].setdefault("text", "clip")
         return spec
 
     def _wrap(self, vit, spec, ops):
@@ -161,18 +176,33 @@ class CLIPTask(Task):
         return self.api.clip(vit, text, **kw)
 
     def loss(self, call, model, x, batch, d):
-        img, txt, scale = call(x, list(batch["caption"]))
+        captions = list(batch["caption"])
+        siamese = getattr(model, "siamese_weight", 0.0) > 0 and "caption2" in batch
+        texts = captions + list(batch["caption2"]) if siamese else captions
+        img, txt_all, scale = call(x, texts)
+        txt, txt2 = (txt_all[:len(captions)], txt_all[len(captions):]) if siamese \
+            else (txt_all, None)
         if d.active:
+            from reference_model.losses import caption_siamese_loss
+
             loss = local_contrastive_loss(img, txt, scale, d)
+            if siamese:
+                loss = loss + model.siamese_weight * caption_siamese_loss(txt, txt2)
         else:
-            loss = model.loss(img, txt, scale)
+            loss = model.loss(img, txt, scale, txt2)
         return loss, {"image_emb": img, "text_emb": txt}
 
+    def adapt_to_teacher(self, spec, teacher):
+        # the student's projections map into the teacher's embedding width
+        return dict(spec, kwargs=dict(spec["kwargs"], embed_dim=int(teacher.embed_dim)))
+
     def distill_loss(self, outputs, teacher, x, batch, dcfg):
+        from reference_model.losses import embedding_distillation_loss
+
         with torch.no_grad():
             t_img, t_txt, _ = teacher(x, list(batch["caption"]))
-        return affinity_kl(outputs["image_emb"].float(), outputs["text_emb"].float(),
-                           t_img.float(), t_txt.float(), dcfg.temperature)
+        return (embedding_distillation_loss(outputs["image_emb"].float(), t_img.float())
+                + embedding_distillation_loss(outputs["text_emb"].float(), t_txt.float())) / 2
 
 
 TASKS: dict[str, type[Task]] = {"mae": MAETask, "hashtag": HashtagTask, "clip": CLIPTask}
@@ -203,34 +233,6 @@ def local_contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Te
     return (F.cross_entropy(li.float(), labels) + F.cross_entropy(lt.float(), labels)) / 2
 
 
-def logit_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(softmax(teacher/T) ‖ softmax(student/T)) · T², mean over the batch (Hinton et al.).
-
-    student, teacher: (B, V) logits over the same vocabulary.
-    """
-    if student.shape != teacher.shape:
-        raise ValueError(f"distillation: the teacher's logits {tuple(teacher.shape)} do not match "
-                         f"the student's {tuple(student.shape)} (same vocabulary needed)")
-    t = temperature
-    return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1),
-                    log_target=True, reduction="batchmean") * t * t
-
-
-def affinity_kl(s_img, s_txt, t_img, t_txt, temperature: float) -> torch.Tensor:
-    """Affinity mimicking: the KL of the student's image→text and text→image similarity
-    distributions to the teacher's, over the batch (embeddings L2-normalised; widths may differ).
-
-    Equivalent: ``(logit_kl(Si·Stᵀ/τ, Ti·Ttᵀ/τ, 1) + logit_kl(St·Siᵀ/τ, Tt·Tiᵀ/τ, 1)) / 2`` with
-    τ = 1 / (10 · temperature) (cosine similarities scaled like a CLIP logit scale of 10/T).
-    """
-    tau = 1.0 / (10.0 * temperature)
-    s_img, s_txt = F.normalize(s_img, dim=-1), F.normalize(s_txt, dim=-1)
-    t_img, t_txt = F.normalize(t_img, dim=-1), F.normalize(t_txt, dim=-1)
-    s = s_img @ s_txt.T / tau
-    t = t_img @ t_txt.T / tau
-    return (logit_kl(s, t, 1.0) + logit_kl(s.T, t.T, 1.0)) / 2
-
-
 def stage_task(stage: str, api: ModelAPI | None = None) -> Task:
     return TASKS[stage](api or default_api())
 
@@ -245,5 +247,3 @@ def annotate(model: nn.Module, spec: dict) -> nn.Module:
     model._train_vocab_tags = vocab_tags(spec)
     return model
 
-
-_ = (math, Any)
