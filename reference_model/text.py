@@ -293,13 +293,16 @@ class AdapterTextTower(nn.Module):
 def caption_contrastive_finetune(encoder: FrozenTextEncoder, captions: list[str],
                                  captions2: list[str], *, steps: int = 100,
                                  batch_size: int = 32, lr: float = 1e-5,
-                                 temperature: float = 0.05, seed: int = 0) -> list[float]:
+                                 temperature: float = 0.05, seed: int = 0,
+                                 train_embeddings: bool = False) -> list[float]:
     """LLM2CLIP's caption-contrastive fine-tuning of the text encoder, in place.
 
     captions[i] and captions2[i] describe the same image (positives); the other captions of
     a batch are the negatives: symmetric InfoNCE at ``temperature`` on the pooled, normalised
-    embeddings, AdamW at ``lr``. The encoder is frozen again afterwards and its cache
-    re-keyed (the fingerprint changes with the weights). Returns the loss of every step.
+    embeddings, AdamW at ``lr``. The token / position embedding tables stay frozen unless
+    ``train_embeddings`` (LLM2CLIP adapts the transformer, not the vocabulary; the tables are
+    most of a small encoder's parameters). The encoder is frozen again afterwards and its
+    cache re-keyed (the fingerprint changes with the weights). Returns the loss of every step.
     """
     from .losses import clip_loss
 
@@ -312,8 +315,13 @@ def caption_contrastive_finetune(encoder: FrozenTextEncoder, captions: list[str]
                          f"{len(captions)}")
     g = torch.Generator().manual_seed(seed)
     model = encoder.model
-    model.train().requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(train_embeddings or not name.startswith("embeddings."))
+        if p.requires_grad:
+            params.append(p)
+    opt = torch.optim.AdamW(params, lr=lr, foreach=True)
     scale = torch.tensor(1.0 / temperature, device=encoder.device)
     losses = []
     try:
@@ -325,7 +333,7 @@ def caption_contrastive_finetune(encoder: FrozenTextEncoder, captions: list[str]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     finally:
         model.eval().requires_grad_(False)
         encoder.refresh()
