@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import xray_ops as xo
 from torch import nn
 
 from . import losses
@@ -123,8 +124,9 @@ class CLIPModel(nn.Module):
     (B, embed_dim) L2-normalised; forward(x, captions) -> (image_emb, text_emb, logit_scale)
     where logit_scale = exp(learnable log-scale) clamped to ``max_logit_scale`` (CLIP: starts
     at 1/0.07, at most 100). loss(image_emb, text_emb, logit_scale, text_emb2=None) = the
-    symmetric InfoNCE + ``siamese_weight`` x the caption siamese loss when a second caption's
-    embedding is given.
+    symmetric InfoNCE (``xray_ops.contrastive_loss`` with ops="xray", else
+    :func:`reference_model.losses.clip_loss`) + ``siamese_weight`` x the caption siamese loss
+    when a second caption's embedding is given.
     """
 
     def __init__(self, vit: VisionTransformer, text_tower: nn.Module, *,
@@ -164,7 +166,11 @@ class CLIPModel(nn.Module):
                    logit_scale: torch.Tensor,
                    text_emb2: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """{"clip", "siamese" (when text_emb2 is given), "total"}."""
-        terms = {"clip": losses.clip_loss(image_emb, text_emb, logit_scale)}
+        if self.vit.ops == "xray":   # tiled: the (B, B) logits are never stored
+            clip = xo.contrastive_loss(image_emb, text_emb, logit_scale)
+        else:
+            clip = losses.clip_loss(image_emb, text_emb, logit_scale)
+        terms = {"clip": clip}
         total = terms["clip"]
         if text_emb2 is not None:
             terms["siamese"] = losses.caption_siamese_loss(text_emb, text_emb2)

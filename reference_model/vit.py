@@ -73,7 +73,22 @@ class XrayAttention(xo.nn.Attention):
 
 
 class Mlp(TimmMlp):
-    """timm's Mlp (fc1, act, drop1, norm, fc2, drop2)."""
+    """timm's Mlp (fc1, act, drop1, norm, fc2, drop2); ops="xray" fuses fc1's bias and the
+    GELU into one ``xray_ops.bias_gelu`` pass after a bias-free matmul.
+
+    Equivalent PyTorch: ``fc2(drop1(gelu(fc1(x))))`` (then drop2), as timm's Mlp.
+    """
+
+    def __init__(self, *args, ops: str = "xray", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ops = check_ops(ops)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ops != "xray" or not isinstance(self.act, nn.GELU):
+            return super().forward(x)
+        h = xo.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias,
+                         approximate=self.act.approximate)
+        return self.drop2(self.fc2(self.norm(self.drop1(h))))
 
 
 class Block(nn.Module):
@@ -96,7 +111,8 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU,
+                       ops=ops)
         self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         # a plain attribute, not a submodule: switching EViT / ToMe never changes the
@@ -113,13 +129,29 @@ class Block(nn.Module):
                                                                                     red.prop_attn),
                                                want_cls=want_cls, want_metric=want_metric,
                                                is_causal=is_causal)
-        x = x + self.drop_path1(self.ls1(y))
-        if want_cls:
-            x, size = tr.apply_evit(self.ops, red.evit, x, cls_attn, size)
-        if want_metric:
-            x, size = tr.apply_tome(self.ops, red.tome_r, x, metric, size)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        if self.ops == "xray" and not (want_cls or want_metric):
+            # x + ls1(attn) and norm2 in one pass: (normed, new residual stream)
+            h, x = self._residual_norm2(self.drop_path1(y), x)
+        else:
+            x = x + self.drop_path1(self.ls1(y))
+            if want_cls:
+                x, size = tr.apply_evit(self.ops, red.evit, x, cls_attn, size)
+            if want_metric:
+                x, size = tr.apply_tome(self.ops, red.tome_r, x, metric, size)
+            h = self.norm2(x)
+        x = x + self.drop_path2(self.ls2(self.mlp(h)))
         return x, size
+
+    def _residual_norm2(self, y: torch.Tensor, x: torch.Tensor):
+        """xray_ops.layer_norm: s = x + gamma1 * y, (norm2(s), s). Equivalent PyTorch::
+
+            s = x + self.ls1(y); return self.norm2(s), s
+        """
+        gamma = self.ls1.gamma if isinstance(self.ls1, LayerScale) else None
+        # under autocast the branch is half precision and the residual stream float32: add
+        # in the stream's dtype, as the unfused `x + ls1(y)` promotes
+        return xo.layer_norm(y.to(x.dtype), self.norm2.weight, self.norm2.bias, self.norm2.eps,
+                             residual=x, residual_scale=gamma)
 
 
 class MaskedTokens(NamedTuple):

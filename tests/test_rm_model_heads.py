@@ -189,6 +189,8 @@ def test_clip_model_with_text_transformer(ops):
     torch.testing.assert_close(scale, torch.tensor(1 / 0.07))
     terms = model.loss_terms(img, txt, scale, text_emb2=model.encode_text(caps[::-1]))
     assert set(terms) == {"clip", "siamese", "total"}
+    # xray_ops.contrastive_loss (ops="xray") is open_clip's loss
+    torch.testing.assert_close(terms["clip"], losses.clip_loss(img, txt, scale))
     terms["total"].backward()
     assert model.logit_scale.grad is not None
     assert tower.token_embedding.weight.grad.abs().sum() > 0

@@ -158,3 +158,50 @@ def test_mae_encoder_ignores_token_reduction():
 def test_trace_source_is_refused():
     with pytest.raises(ValueError, match="trace_source"):
         create_vit("tiny", tome=xo.ToMeConfig(r=2, trace_source=True), **SMALL)
+
+
+def test_xray_path_runs_the_fused_ops(monkeypatch):
+    """ops="xray" computes with xray_ops (attention, residual+LayerNorm, bias+GELU, EViT,
+    ToMe); ops="torch" with none of them."""
+    import xray_ops.nn.attention as xattn
+
+    calls = []
+
+    def counting(mod, name):
+        fn = getattr(mod, name)
+
+        def wrapper(*a, **k):
+            calls.append(name)
+            return fn(*a, **k)
+        monkeypatch.setattr(mod, name, wrapper)
+
+    for name in ("layer_norm", "bias_gelu", "evit_select", "tome_merge",
+                 "flash_attention_qkvpacked"):
+        counting(xo, name)
+    counting(xattn, "flash_attention_qkvpacked")
+    counting(xo.nn.evit, "evit_select")
+    x = torch.rand(1, 3, 16, 16)
+    tome = xo.ToMeConfig(r=[2, 0, 0, 0])   # block 2 reduces nothing: its norm2 is fused
+    vit = create_vit("tiny", evit=EVIT, tome=tome, **SMALL)
+    vit(x).sum().backward()
+    assert {"layer_norm", "bias_gelu", "evit_select", "tome_merge",
+            "flash_attention_qkvpacked"} <= set(calls)
+    calls.clear()
+    create_vit("tiny", ops="torch", evit=EVIT, tome=tome, **SMALL)(x).sum().backward()
+    assert calls == []
+
+
+@pytest.mark.parametrize("ops", ["xray", "torch"])
+def test_autocast_bfloat16(ops):
+    """Mixed precision: half-precision branches, float32 residual stream, reductions included."""
+    a = create_vit("tiny", ops=ops, num_classes=3, **SMALL)
+    x = torch.rand(2, 3, 16, 16)
+    ref = a(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = a(x)
+    torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)
+    a.set_token_reduction(EVIT, TOME)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = a(torch.rand(2, 3, 4, 16, 16))
+    y.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in a.parameters() if p.grad is not None)
