@@ -89,6 +89,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     compile: bool = False
     parallel: str = "auto"  # auto | none | ddp | fsdp  (auto: fsdp for l16/h14 when distributed)
+    ddp_find_unused: bool = False  # DDP's find_unused_parameters (a model with unused params)
     num_workers: int = 0
     ckpt_every: int = 0  # 0: checkpoint only at the end of a stage and on SIGTERM / SIGINT
     keep_checkpoints: int = 2

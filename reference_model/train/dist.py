@@ -35,9 +35,13 @@ class Dist:
         rank's slice (open_clip's gather_with_grad). Identity in one process."""
         if not self.active:
             return t
+        import warnings
+
         from torch.distributed.nn.functional import all_gather
 
-        return torch.cat(all_gather(t.contiguous()), 0)
+        with warnings.catch_warnings():  # deprecated for a private API; still the public one
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.cat(all_gather(t.contiguous()), 0)
 
     def mean(self, value: float) -> float:
         """The mean of a float over ranks."""
@@ -125,11 +129,29 @@ def wrap(model: nn.Module, mode: str, d: Dist, *, find_unused: bool) -> nn.Modul
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        # FSDP2 cannot shard 0-d parameters (CLIP's logit_scale): they stay replicated and
+        # their gradients are averaged by sync_replicated_grads after each backward
+        scalars = {p for p in model.parameters() if p.ndim == 0}
         for unit in _shard_units(model):
-            fully_shard(unit)
-        fully_shard(model)
+            fully_shard(unit, ignored_params=scalars & set(unit.parameters()) or None)
+        fully_shard(model, ignored_params=scalars or None)
+        model._replicated_params = sorted(scalars, key=id)
         return model
     raise ValueError(f"parallel: expected none, ddp or fsdp, got {mode!r}")
+
+
+def sync_replicated_grads(model: nn.Module, d: Dist) -> None:
+    """Average the gradients of the parameters FSDP left replicated (see :func:`wrap`)."""
+    params = getattr(model, "_replicated_params", ())
+    if not d.active or not params:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.AVG if dist.get_backend() == "nccl"
+                        else dist.ReduceOp.SUM)
+        if dist.get_backend() != "nccl":  # gloo has no AVG
+            p.grad.div_(d.world)
 
 
 def full_state_dicts(wrapped: nn.Module, optimizer) -> tuple[dict, dict]:

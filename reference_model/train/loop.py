@@ -182,7 +182,7 @@ def run_stage(cfg: TrainConfig, task: Task, d, sources: dict, *, log: MetricsLog
     sched_res = schedule_for(total)
 
     mode = parallel_mode(cfg, d)
-    wrapped = dist_mod.wrap(model, mode, d, find_unused=True)
+    wrapped = dist_mod.wrap(model, mode, d, find_unused=cfg.ddp_find_unused)
     lr, wd = stage_optim(cfg, stage)
     opt = build_optimizer(model, cfg.optimizer, lr, wd)
     lr_sched = lr_scheduler(opt, total, sc.warmup, sc.min_lr_ratio)
@@ -257,6 +257,7 @@ def run_stage(cfg: TrainConfig, task: Task, d, sources: dict, *, log: MetricsLog
                             dl_sum += float(dl.detach())
                     (total_loss / cfg.accum).backward()
                 loss_sum += float(loss.detach())
+            dist_mod.sync_replicated_grads(model, d)
             if sc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), sc.grad_clip)
             opt.step()
