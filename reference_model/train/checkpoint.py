@@ -159,7 +159,9 @@ def pack_optimizer(osd: dict) -> tuple[dict[str, torch.Tensor], dict]:
                 tensors[f"optim.{name}.{key}"] = v
             else:
                 scalars[f"{name}.{key}"] = v
-    return tensors, {"param_groups": osd["param_groups"], "scalars": scalars}
+    groups = [{k: (f"torch.{v}".replace("torch.torch.", "torch.") if isinstance(v, torch.dtype)
+                   else v) for k, v in g.items()} for g in osd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
 
 
 def unpack_optimizer(tensors: dict[str, torch.Tensor], packed: dict) -> dict:
@@ -184,5 +186,7 @@ def unpack_optimizer(tensors: dict[str, torch.Tensor], packed: dict) -> dict:
         for k, v in g.items():
             if k != "params" and isinstance(v, list):
                 g[k] = tuple(v)  # JSON turned betas into a list
+            elif isinstance(v, str) and v.startswith("torch."):
+                g[k] = getattr(torch, v[len("torch."):])  # a dtype (Lion's state_dtype)
         groups.append(g)
     return {"state": state, "param_groups": groups}

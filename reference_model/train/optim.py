@@ -6,14 +6,15 @@ import torch
 from torch import nn
 
 
-def lion_class():
-    """The Lion implementation: ``xray_ops.optim.Lion`` (fused on the GPU) when this build has
-    it, else lion-pytorch's (the same update: decoupled decay p·(1 - lr·wd), sign of the
-    β1-interpolated momentum, β2 momentum update)."""
-    try:
-        from xray_ops.optim import Lion
-    except ImportError:
+def lion_class(sharded: bool = False):
+    """The Lion implementation: ``xray_ops.optim.Lion`` (one fused update per parameter group:
+    CUDA / Triton on the GPU, numba on the CPU). FSDP2's sharded (DTensor) parameters take
+    lion-pytorch's, the same update in plain tensor ops, until xray_ops registers a DTensor
+    sharding strategy for its ``lion_`` op (it has none: "does not have a sharding strategy")."""
+    if sharded:
         from lion_pytorch import Lion
+    else:
+        from xray_ops.optim import Lion
     return Lion
 
 
@@ -38,7 +39,10 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float
     """``lion`` (betas 0.9, 0.99) or ``adamw`` (betas 0.9, 0.95) over :func:`param_groups`."""
     groups = param_groups(model, weight_decay)
     if name == "lion":
-        return lion_class()(groups, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
+        from torch.distributed.tensor import DTensor
+
+        sharded = any(isinstance(p, DTensor) for p in model.parameters())
+        return lion_class(sharded)(groups, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     raise ValueError(f"optimizer: expected 'lion' or 'adamw', got {name!r}")
