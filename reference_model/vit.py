@@ -84,7 +84,9 @@ class Mlp(TimmMlp):
         self.ops = check_ops(ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.ops != "xray" or not isinstance(self.act, nn.GELU):
+        # xray_ops.quantize_ swaps fc1 for an Int8Linear (GELU in its epilogue): timm's path
+        if self.ops != "xray" or type(self.fc1) is not nn.Linear \
+                or not isinstance(self.act, nn.GELU):
             return super().forward(x)
         h = xo.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias,
                          approximate=self.act.approximate)
@@ -129,7 +131,9 @@ class Block(nn.Module):
                                                                                     red.prop_attn),
                                                want_cls=want_cls, want_metric=want_metric,
                                                is_causal=is_causal)
-        if self.ops == "xray" and not (want_cls or want_metric):
+        # (not when quantize_ made norm2 an Int8LayerNorm: it feeds fc1 int8 directly)
+        if self.ops == "xray" and not (want_cls or want_metric) \
+                and type(self.norm2) is nn.LayerNorm:
             # x + ls1(attn) and norm2 in one pass: (normed, new residual stream)
             h, x = self._residual_norm2(self.drop_path1(y), x)
         else:

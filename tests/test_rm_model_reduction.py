@@ -205,3 +205,18 @@ def test_autocast_bfloat16(ops):
         y = a(torch.rand(2, 3, 4, 16, 16))
     y.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in a.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("ops", ["xray", "torch"])
+def test_int8_quantized_model_runs_with_and_without_reduction(ops):
+    """xray_ops.quantize_ (the evaluation's int8 model) on the reference model, EViT/ToMe on."""
+    vit = create_vit("tiny", ops=ops, num_classes=3, **SMALL).eval()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = vit(x)
+        xo.quantize_(vit)
+        assert any(isinstance(m, xo.nn.Int8Linear) for m in vit.modules())
+        y = vit(x)
+        assert (y - ref).abs().max() < 0.05 * ref.abs().max() + 1e-3
+        with vit.token_reduction(evit=EVIT, tome=TOME):
+            assert torch.isfinite(vit(torch.rand(2, 3, 4, 16, 16))).all()
