@@ -28,7 +28,8 @@ def _fit(img, size: int):
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255)
+    # a copy: PIL's arrays are read-only, torch wants to own writable memory
+    return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
 
 
 def load_image(source, size: int) -> torch.Tensor:

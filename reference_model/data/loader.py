@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+import weakref
 from typing import Callable
 
 import torch
 
 from .base import UnreadableSample
+
+
+_WARN_FIRST = 5  # unreadable items warned about one by one; the rest are counted
 
 
 class _Skip:
@@ -96,16 +100,21 @@ def _worker_init(_):
 
 
 class _PositionSampler(torch.utils.data.Sampler):
-    """Yields the loader's remaining batches of its current epoch (read at iter time)."""
+    """Yields the loader's remaining batches of its current epoch (read at iter time).
+
+    Holds the loader weakly: no reference cycle, so a dropped loader shuts its worker
+    processes down at once instead of whenever the garbage collector runs."""
 
     def __init__(self, loader: "ResumableLoader"):
-        self.loader = loader
+        self._loader = weakref.ref(loader)
 
     def __iter__(self):
-        return iter(self.loader.epoch_batches(self.loader.epoch)[self.loader.batch:])
+        ld = self._loader()
+        return iter(ld.epoch_batches(ld.epoch)[ld.batch:])
 
     def __len__(self):
-        return max(0, len(self.loader) - self.loader.batch)
+        ld = self._loader()
+        return max(0, len(ld) - ld.batch)
 
 
 def _seed_of(*parts) -> int:
@@ -226,7 +235,11 @@ class ResumableLoader:
             self.batch += 1
             for index, reason in skipped:
                 self.skipped.append((index, reason))
-                warnings.warn(f"data: skipped unreadable item {index}: {reason}", stacklevel=2)
+                if len(self.skipped) <= _WARN_FIRST:
+                    more = "; further ones are only counted (loader.report())" \
+                        if len(self.skipped) == _WARN_FIRST else ""
+                    warnings.warn(f"data: skipped unreadable item {index}: {reason}{more}",
+                                  stacklevel=2)
             if batch is None:
                 continue
             yielded += 1
@@ -261,6 +274,10 @@ class ResumableLoader:
                                  f"this loader's is {mine}: resuming would not be exact")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
         self._dl = None  # drop prefetched batches of the old position
+
+    def close(self) -> None:
+        """Stop the worker processes now (they also stop when the loader is dropped)."""
+        self._dl = None
 
     def report(self) -> str:
         """One line: how many items were skipped as unreadable, and the first reasons."""

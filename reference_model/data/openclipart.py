@@ -115,7 +115,10 @@ def render_cache(size: int, *, limit: int | None = None, max_bytes: int | None =
     t0 = time.perf_counter()
     jobs = [(str(p), size) for p in files]
     if workers > 1:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        # fork: the workers only run cairosvg/PIL (no torch threads), and unlike spawn it
+        # works from any __main__ (stdin, notebooks)
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        with multiprocessing.get_context(method).Pool(workers) as pool:
             results = list(pool.imap(_render_one, jobs, chunksize=8))
     else:
         results = [_render_one(j) for j in jobs]
@@ -127,7 +130,9 @@ def render_cache(size: int, *, limit: int | None = None, max_bytes: int | None =
     images = np.stack([r[1] for r in ok])
     index = {"files": [Path(r[0]).relative_to(root).as_posix() for r in ok],
              "titles": [r[2] for r in ok], "keywords": [r[3] for r in ok],
-             "failed": failed, "size": size, "seconds": round(time.perf_counter() - t0, 1)}
+             "failed": failed, "size": size, "seconds": round(time.perf_counter() - t0, 1),
+             # every top-level folder, so the classes do not depend on the subset rendered
+             "categories": sorted(d.name for d in root.iterdir() if d.is_dir())}
     cache.mkdir(parents=True, exist_ok=True)
     tmp = f".tmp-{os.getpid()}"
     np.save(str(npy) + tmp + ".npy", images)
@@ -175,7 +180,7 @@ class OpenClipart(CaptionDataset):
                           f"left out (first: {self.failed[0][0]}: {self.failed[0][1]})",
                           stacklevel=2)
         files = index["files"]
-        cats = sorted({f.split("/")[0] for f in files})
+        cats = index.get("categories") or sorted({f.split("/")[0] for f in files})
         self.classes = [c.replace("_", " ") for c in cats]
         rows = range(len(files))
         if split != "all":
