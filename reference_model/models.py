@@ -51,13 +51,15 @@ class MAEModel(nn.Module):
 
     forward(x in [0, 1], noise=None) -> (loss, pred (B, L, t*p*p*3), mask (B, L)).
     Per-sample random masking (mask_ratio for images, video_mask_ratio for clips; defaults
-    from the vit's config: 0.75 / 0.9); the encoder sees only the visible tokens (EViT / ToMe
-    stay off); a light decoder (cfg.decoder_*) predicts every patch; the loss is MSE on the
+    from the vit's config: 0.75 / 0.9); the encoder sees only the visible tokens (the vit's
+    EViT / ToMe stay off unless ``reduce_tokens``, then unmerged for the decoder); a light
+    decoder (cfg.decoder_*) predicts every patch; the loss is MSE on the
     masked patches' per-patch normalised pixels (norm_pix_loss).
     """
 
     def __init__(self, vit: VisionTransformer, *, mask_ratio: Optional[float] = None,
-                 video_mask_ratio: Optional[float] = None, norm_pix_loss: bool = True):
+                 video_mask_ratio: Optional[float] = None, norm_pix_loss: bool = True,
+                 reduce_tokens: bool = False):
         super().__init__()
         self.vit = _check_vit(vit)
         cfg = vit.cfg
@@ -69,6 +71,7 @@ class MAEModel(nn.Module):
             if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
                 raise ValueError(f"{name}: expected a number in [0, 1), got {v!r}")
         self.norm_pix_loss = norm_pix_loss
+        self.reduce_tokens = reduce_tokens
         self.normalize = Normalize()
         self.decoder = MAEDecoder(cfg, ops=vit.ops)
 
@@ -78,7 +81,8 @@ class MAEModel(nn.Module):
 
     def forward(self, x: torch.Tensor, noise: Optional[torch.Tensor] = None):
         x = self.normalize(x)
-        enc = self.vit.forward_masked(x, self.ratio_for(x), noise=noise)
+        enc = self.vit.forward_masked(x, self.ratio_for(x), noise=noise,
+                                      reduce_tokens=self.reduce_tokens)
         pred = self.decoder(enc.tokens, enc.ids_restore, enc.grid)
         target = patchify(x, self.vit.cfg.patch_size, self.vit.cfg.tubelet_size)
         loss = losses.mae_loss(pred, target, enc.mask, norm_pix=self.norm_pix_loss)

@@ -77,31 +77,58 @@ def key_bias(size: Optional[torch.Tensor], prop_attn: bool) -> Optional[torch.Te
     return size[..., 0].log()
 
 
+def evit_dest(keep_idx: torch.Tensor, n: int, fuse: bool) -> torch.Tensor:
+    """(B, keep) kept patch indices -> (B, n) output slot of every input token (MAE unmerge).
+
+    CLS -> 0, the r-th kept patch -> 1 + r, a dropped patch -> the fused token's slot
+    (1 + keep), or 0 (CLS) without fusion.
+    """
+    B, keep = keep_idx.shape
+    dest = torch.full((B, n), 1 + keep if fuse else 0, dtype=torch.long, device=keep_idx.device)
+    dest[:, 0] = 0
+    ranks = torch.arange(1, keep + 1, device=keep_idx.device).expand(B, keep)
+    return dest.scatter(1, keep_idx + 1, ranks)
+
+
 def apply_evit(ops: str, select, x: torch.Tensor, cls_attn: torch.Tensor,
-               size: Optional[torch.Tensor]):
-    """EViT after a block's attention: x (B, N, C), cls_attn (B, N) (CLS row over all keys)."""
+               size: Optional[torch.Tensor], want_dest: bool = False):
+    """EViT after a block's attention: x (B, N, C), cls_attn (B, N) (CLS row over all keys).
+
+    Returns (x, size, dest): dest (B, N) the output slot of each input token when
+    ``want_dest`` (see :func:`evit_dest`), else None. A keep count of N - 1 leaves x as it is
+    (EViT's rule: nothing to drop).
+    """
+    B, N, _ = x.shape
+    keep = xo.evit_keep_count(N - 1, select.current_rate())
+    if keep >= N - 1:
+        return x, size, (torch.arange(N, device=x.device).expand(B, N) if want_dest else None)
     scores = cls_attn[:, 1:].to(x.dtype)
     if ops == "torch":
-        rate = select.current_rate()
-        keep = xo.evit_keep_count(x.shape[1] - 1, rate)
-        x, size, _ = torch_baseline.evit_torch(x, scores, keep, select.fuse, size)
-        return x, size
-    x_out, keep_idx = select(x, scores)
-    if keep_idx is None or size is None:
-        return x_out, size
-    parts = [size[:, :1], size[:, 1:].gather(1, keep_idx[..., None])]
-    if x_out.shape[1] > 1 + keep_idx.shape[1]:   # the fused token: one new token
-        parts.append(torch.ones_like(size[:, :1]))
-    return x_out, torch.cat(parts, 1)
+        x, size, keep_idx = torch_baseline.evit_torch(x, scores, keep, select.fuse, size)
+    else:
+        x, keep_idx = xo.evit_select(x, scores, keep, fuse=select.fuse)
+        if size is not None:
+            parts = [size[:, :1], size[:, 1:].gather(1, keep_idx[..., None])]
+            if select.fuse:   # the fused token: one new token
+                parts.append(torch.ones_like(size[:, :1]))
+            size = torch.cat(parts, 1)
+    return x, size, (evit_dest(keep_idx, N, select.fuse) if want_dest else None)
 
 
 def apply_tome(ops: str, r: int, x: torch.Tensor, metric: torch.Tensor,
-               size: Optional[torch.Tensor]):
-    """ToMe after a block's attention: merge r tokens of x (B, N, C) by metric (B, N, Cm)."""
-    if min(r, (x.shape[1] - 1) // 2) <= 0:
-        return x, size
+               size: Optional[torch.Tensor], want_dest: bool = False):
+    """ToMe after a block's attention: merge r tokens of x (B, N, C) by metric (B, N, Cm).
+
+    Returns (x, size, dest): dest (B, N) the output slot of each input token (a merged token
+    points at the token it joined) when ``want_dest``, else None.
+    """
+    B, N, _ = x.shape
+    if min(r, (N - 1) // 2) <= 0:
+        return x, size, (torch.arange(N, device=x.device).expand(B, N) if want_dest else None)
     if ops == "torch":
-        return torch_baseline.tome_torch(x, metric, r, size)
+        out = torch_baseline.tome_torch(x, metric, r, size, return_dest=want_dest)
+        return out if want_dest else (*out, None)
     if size is not None:
         size = size.to(x.dtype)
-    return xo.tome_merge(x, metric, r, size=size)
+    x, size, match = xo.tome_merge(x, metric, r, size=size, return_match=True)
+    return x, size, (match.dest if want_dest else None)

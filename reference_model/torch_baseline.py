@@ -99,16 +99,19 @@ def evit_torch(x: torch.Tensor, cls_attn: torch.Tensor, keep: int, fuse: bool,
 
 
 def tome_torch(x: torch.Tensor, metric: torch.Tensor, r: int,
-               size: Optional[torch.Tensor] = None, class_token: bool = True):
+               size: Optional[torch.Tensor] = None, class_token: bool = True,
+               return_dest: bool = False):
     """ToMe: bipartite soft matching of ``metric``, then the size-weighted merge of x.
 
     x (B, N, C), metric (B, N, Cm), size (B, N, 1) or None -> (x (B, N-r, C), size (B, N-r, 1)).
-    r is clamped to (N - class_token) // 2; r <= 0 returns (x, size) unchanged.
+    r is clamped to (N - class_token) // 2; r <= 0 returns (x, size) unchanged. With
+    return_dest, also dest (B, N): the output slot of every input token (ToMe's unmerge map).
     """
     B, N, C = x.shape
     r = min(r, (N - int(class_token)) // 2)
     if r <= 0:
-        return x, size
+        dest = torch.arange(N, device=x.device).expand(B, N)
+        return (x, size, dest) if return_dest else (x, size)
     with torch.no_grad():
         m = metric / metric.norm(dim=-1, keepdim=True)
         scores = m[:, ::2] @ m[:, 1::2].transpose(-1, -2)
@@ -133,4 +136,14 @@ def tome_torch(x: torch.Tensor, metric: torch.Tensor, r: int,
         size = torch.ones_like(x[..., :1])
     x = merge_sum(x * size)
     size = merge_sum(size)
-    return x / size, size
+    if not return_dest:
+        return x / size, size
+    # staying A tokens keep their rank, merged ones go to their B token, B tokens follow
+    n_stay = stay.shape[1]
+    a_dest = torch.empty(B, (N + 1) // 2, dtype=torch.long, device=x.device)
+    a_dest.scatter_(1, stay[..., 0], torch.arange(n_stay, device=x.device).expand(B, n_stay))
+    a_dest.scatter_(1, merged[..., 0], n_stay + into[..., 0])
+    b_dest = n_stay + torch.arange(N // 2, device=x.device).expand(B, N // 2)
+    dest = torch.empty(B, N, dtype=torch.long, device=x.device)
+    dest[:, ::2], dest[:, 1::2] = a_dest, b_dest
+    return x / size, size, dest

@@ -96,9 +96,11 @@ class Mlp(TimmMlp):
 class Block(nn.Module):
     """Pre-norm transformer block with timm's names, and EViT / ToMe after its attention.
 
-    forward(x (B, N, C), size=None, is_causal=False) -> (x (B, N', C), size) where N' < N when
-    this block reduces tokens and size (B, N', 1) counts the original tokens each token holds
-    (None until ToMe first merges). ``reduction`` (no parameters) says what the block does;
+    forward(x (B, N, C), size=None, is_causal=False, slots=None) -> (x (B, N', C), size) where
+    N' < N when this block reduces tokens and size (B, N', 1) counts the original tokens each
+    token holds (None until ToMe first merges). With ``slots`` (B, L) (where each of L tracked
+    tokens now sits in x) it returns (x, size, slots) with the slots after this block's
+    reduction (MAE's unmerge). ``reduction`` (no parameters) says what the block does;
     :meth:`VisionTransformer.set_token_reduction` sets it.
     """
 
@@ -122,7 +124,7 @@ class Block(nn.Module):
         self.reduction = tr.BlockReduction()
 
     def forward(self, x: torch.Tensor, size: Optional[torch.Tensor] = None,
-                is_causal: bool = False):
+                is_causal: bool = False, slots: Optional[torch.Tensor] = None):
         red = self.reduction
         if red.evit is not None:
             red.evit.train(self.training)
@@ -138,13 +140,16 @@ class Block(nn.Module):
             h, x = self._residual_norm2(self.drop_path1(y), x)
         else:
             x = x + self.drop_path1(self.ls1(y))
+            track = slots is not None
             if want_cls:
-                x, size = tr.apply_evit(self.ops, red.evit, x, cls_attn, size)
+                x, size, dest = tr.apply_evit(self.ops, red.evit, x, cls_attn, size, track)
+                slots = dest.gather(1, slots) if track else None
             if want_metric:
-                x, size = tr.apply_tome(self.ops, red.tome_r, x, metric, size)
+                x, size, dest = tr.apply_tome(self.ops, red.tome_r, x, metric, size, track)
+                slots = dest.gather(1, slots) if track else None
             h = self.norm2(x)
         x = x + self.drop_path2(self.ls2(self.mlp(h)))
-        return x, size
+        return (x, size) if slots is None else (x, size, slots)
 
     def _residual_norm2(self, y: torch.Tensor, x: torch.Tensor):
         """xray_ops.layer_norm: s = x + gamma1 * y, (norm2(s), s). Equivalent PyTorch::
@@ -314,13 +319,17 @@ class VisionTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def forward_masked(self, x: torch.Tensor, mask_ratio: float, *,
-                       noise: Optional[torch.Tensor] = None) -> MaskedTokens:
+                       noise: Optional[torch.Tensor] = None,
+                       reduce_tokens: bool = False) -> MaskedTokens:
         """MAE's encoder: hide ``mask_ratio`` of each sample's patches, encode only the rest.
 
         Per-sample random masking as MAE: argsort of uniform noise (B, L), the first
         L_keep = int(L * (1 - mask_ratio)) kept. The blocks see CLS + the L_keep visible
-        tokens only; EViT / ToMe are not applied (MAE's decoder needs one token per visible
-        patch). ``noise`` (B, L) fixes the shuffle (tests). See :class:`MaskedTokens`.
+        tokens only. EViT / ToMe are off unless ``reduce_tokens``: then the configured ones
+        run and the output is unmerged back to one token per visible patch (a merged token
+        takes its merged token's value, as ToMe's MAE patch does; an EViT-dropped one the fused
+        token's, or CLS's without fusion). ``noise`` (B, L) fixes the shuffle (tests). See
+        :class:`MaskedTokens`.
         """
         if not isinstance(mask_ratio, (int, float)) or not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio: expected a number in [0, 1), got {mask_ratio!r}")
@@ -339,6 +348,12 @@ class VisionTransformer(nn.Module):
         mask[:, :keep] = 0
         mask = mask.gather(1, ids_restore)
         h = self._with_cls(visible)
+        if reduce_tokens:
+            size, slots = None, torch.arange(1 + keep, device=h.device).expand(B, -1)
+            for blk in self.blocks:
+                h, size, slots = blk(h, size, slots=slots)
+            h = self.norm(h).gather(1, slots[..., None].expand(-1, -1, h.shape[-1]))
+            return MaskedTokens(h, mask, ids_restore, grid)
         for blk in self.blocks:
             h, _ = _plain_block(blk, h)
         return MaskedTokens(self.norm(h), mask, ids_restore, grid)

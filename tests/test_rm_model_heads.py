@@ -227,3 +227,12 @@ def test_normalize_and_model_input_checks():
     with pytest.raises(ValueError, match="mask_ratio"):
         MAEModel(small_vit(), mask_ratio=1.5)
     assert math.isclose(MAEModel(small_vit()).mask_ratio, 0.75)
+
+
+def test_mae_model_with_tome_on_request():
+    import xray_ops as xo
+
+    vit = create_vit("tiny", tome=xo.ToMeConfig(r=2), **SMALL)
+    loss, pred, mask = MAEModel(vit, reduce_tokens=True)(torch.rand(2, 3, 16, 16))
+    loss.backward()
+    assert pred.shape == (2, 16, 96) and torch.isfinite(loss)

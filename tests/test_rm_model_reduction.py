@@ -97,8 +97,8 @@ def test_gradient_flows_through_evit_attention_scores():
 
     orig = tr.apply_evit
     try:
-        tr.apply_evit = lambda ops, sel, x, cls_attn, size: orig(ops, sel, x, cls_attn.detach(),
-                                                                 size)
+        tr.apply_evit = lambda ops, sel, x, cls_attn, *rest: orig(ops, sel, x, cls_attn.detach(),
+                                                                  *rest)
         a(x).sum().backward()
     finally:
         tr.apply_evit = orig
@@ -220,3 +220,38 @@ def test_int8_quantized_model_runs_with_and_without_reduction(ops):
         assert (y - ref).abs().max() < 0.05 * ref.abs().max() + 1e-3
         with vit.token_reduction(evit=EVIT, tome=TOME):
             assert torch.isfinite(vit(torch.rand(2, 3, 4, 16, 16))).all()
+
+
+def test_evit_keep_count_of_all_patches_leaves_tokens_alone():
+    """keep == N - 1 (rate 0.99 of 16 patches): EViT drops nothing and adds no token."""
+    evit = xo.EViTConfig(keep_rate=0.99, locations=(0, 2))
+    a, b = twins(evit, None)
+    x = inputs("image", torch.float64)[..., :16, :16]
+    fa, fb = a.forward_features(x), b.forward_features(x)
+    assert fa.shape[1] == fb.shape[1] == 17
+    torch.testing.assert_close(fa, fb, rtol=1e-9, atol=1e-10)
+    plain = create_vit("tiny", num_classes=3, **SMALL).double()
+    plain.load_state_dict(a.state_dict())
+    torch.testing.assert_close(plain.forward_features(x), fa, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["tome", "evit", "both"])
+def test_mae_with_token_reduction_unmerges(case):
+    """reduce_tokens: the blocks see fewer tokens, the decoder one per visible patch; tokens
+    merged together come back equal; xray and torch agree."""
+    evit, tome = CASES[case]
+    a, b = twins(evit, tome)
+    x = inputs("video", torch.float64)
+    noise = torch.rand(2, 32, dtype=torch.float64)
+    seen = []
+    hook = a.blocks[-1].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    oa = a.forward_masked(x, 0.5, noise=noise, reduce_tokens=True)
+    hook.remove()
+    ob = b.forward_masked(x, 0.5, noise=noise, reduce_tokens=True)
+    assert oa.tokens.shape == ob.tokens.shape == (2, 1 + 16, 32)
+    assert seen[0] < 17
+    torch.testing.assert_close(oa.tokens, ob.tokens, rtol=1e-9, atol=1e-10)
+    # fewer distinct rows than tokens: merged / dropped tokens share their slot's value
+    assert len(torch.unique(oa.tokens[0].round(decimals=8), dim=0)) <= seen[0]
+    # default: no reduction, every visible token distinct
+    assert len(torch.unique(a.forward_masked(x, 0.5, noise=noise).tokens[0], dim=0)) == 17
