@@ -187,6 +187,7 @@ class FrozenTextEncoder:
 
     model_path: a local HF encoder folder (config + weights + tokenizer); None = the packaged
     all-MiniLM-L6-v2. cache_dir: None = :func:`default_cache_dir`; False = memory only.
+    device: where cache misses are encoded (None: CUDA when available, else the CPU).
     Loads offline (local_files_only): nothing is downloaded.
     """
 
@@ -202,7 +203,9 @@ class FrozenTextEncoder:
         self.model_path = path
         self.max_length = max_length
         self.batch_size = batch_size
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if device is None:   # cache misses are encoded where the encoder is fastest
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.model = AutoModel.from_pretrained(str(path), local_files_only=True).to(self.device)
         self.model.eval().requires_grad_(False)
