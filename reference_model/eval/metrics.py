@@ -63,7 +63,7 @@ def topk_accuracy(scores: torch.Tensor, labels, k: int = 1) -> float:
                          f"[{int(labels.min())}, {int(labels.max())}]")
     k = min(k, scores.shape[1])
     top = scores.topk(k, dim=1).indices
-    return float((top == labels[:, None]).any(1).float().mean())
+    return float((top == labels[:, None]).any(1).double().mean())
 
 
 def zero_shot_accuracy(image_emb: torch.Tensor, class_emb: torch.Tensor, labels,
@@ -86,7 +86,7 @@ def recall_at_k(ranked: torch.Tensor, positive: torch.Tensor, ks: Sequence[int])
     """ranked (Q, K) gallery ids best first; positive (Q, G) bool: which gallery items are
     correct for each query. R@k = fraction of queries with a correct item in the first k."""
     hits = positive.gather(1, ranked)  # (Q, K) bool
-    return {k: float(hits[:, :k].any(1).float().mean()) for k in ks}
+    return {k: float(hits[:, :k].any(1).double().mean()) for k in ks}
 
 
 def _positive(query_groups, gallery_groups) -> torch.Tensor:
@@ -223,9 +223,13 @@ def map_chance(targets: torch.Tensor) -> float:
 # linear probe
 # ----------------------------------------------------------------------------------------------
 def linear_probe(train_x: torch.Tensor, train_y, test_x: torch.Tensor, test_y,
-                 *, c: float = 1.0, max_iter: int = 1000) -> float:
+                 *, c: float = 1.0, max_iter: int = 100) -> float:
     """Top-1 accuracy on (test_x, test_y) of a multinomial logistic regression fitted on
-    (train_x, train_y): standardised features, L2 penalty 1/c (scikit-learn's lbfgs)."""
+    (train_x, train_y): standardised features, L2 penalty 1/c (scikit-learn's lbfgs, at most
+    ``max_iter`` iterations: separable features would otherwise run to the limit for nothing)."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -236,7 +240,9 @@ def linear_probe(train_x: torch.Tensor, train_y, test_x: torch.Tensor, test_y,
     if len(set(ytr.tolist())) < 2:
         raise ValueError("train_y: a probe needs at least two classes in the training set")
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
-    clf.fit(train_x.double().numpy(), ytr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(train_x.double().numpy(), ytr)
     return float((clf.predict(test_x.double().numpy()) == yte).mean())
 
 

@@ -78,11 +78,12 @@ def default_tome(vit, size: int):
 
 
 def default_evit(vit):
-    """EViT at a quarter, half and three quarters of the depth (ViT-S's 3, 6, 9), keep 0.7."""
+    """EViT at a quarter, half and three quarters of the depth (ViT-S/B's 3, 6, 9; tiny's 2,
+    3, 4), keep rate 0.7; never at the last block (nothing after it would see the change)."""
     import xray_ops as xo
 
     d = len(vit.blocks)
-    locs = sorted({max(1, d // 4), d // 2, (3 * d) // 4} - {d})
+    locs = sorted({round(d * f) for f in (0.25, 0.5, 0.75)} & set(range(max(1, d - 1))))
     return xo.EViTConfig(keep_rate=0.7, locations=tuple(locs))
 
 
