@@ -129,10 +129,9 @@ class Block(nn.Module):
         if red.evit is not None:
             red.evit.train(self.training)
         want_cls, want_metric = red.wants_cls_attn, red.wants_metric
-        y, cls_attn, metric = self.attn.attend(self.norm1(x), key_bias=tr.key_bias(size,
-                                                                                    red.prop_attn),
-                                               want_cls=want_cls, want_metric=want_metric,
-                                               is_causal=is_causal)
+        bias = tr.key_bias(size, red.prop_attn)
+        y, cls_attn, metric = self.attn.attend(self.norm1(x), key_bias=bias, want_cls=want_cls,
+                                               want_metric=want_metric, is_causal=is_causal)
         # (not when quantize_ made norm2 an Int8LayerNorm: it feeds fc1 int8 directly)
         if self.ops == "xray" and not (want_cls or want_metric) \
                 and type(self.norm2) is nn.LayerNorm:

@@ -7,7 +7,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 import xray_ops as xo
-from reference_model import CONFIGS, create_vit, get_config
+from reference_model import create_vit, get_config
 
 SMALL = dict(embed_dim=32, depth=2, num_heads=2, patch_size=4, img_size=16, num_frames=4)
 
