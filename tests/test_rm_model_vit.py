@@ -153,8 +153,8 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="embed_dim/num_heads"):
         get_config("tiny", embed_dim=100)
     with pytest.raises(ValueError, match="locations"):
-        create_vit("tiny", evit=xo.EViTConfig(locations=(3, 6, 9)))
+        create_vit("tiny", evit=xo.EViTConfig(locations=(3, 6, 9)), **SMALL)
     with pytest.raises(TypeError, match="evit"):
-        create_vit("tiny", evit=0.7)
+        create_vit("tiny", evit=0.7, **SMALL)
     with pytest.raises(ValueError, match="mask_ratio"):
         vit.forward_masked(torch.rand(1, 3, 16, 16), 1.0)
