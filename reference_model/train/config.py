@@ -75,6 +75,11 @@ class TrainConfig:
 
     model: str = "tiny"
     model_overrides: dict = field(default_factory=dict)  # create_vit(**overrides)
+    # token reduction while training the hashtag and CLIP stages (MAE's encoder sees only the
+    # visible tokens): xray_ops.EViTConfig / ToMeConfig fields, e.g. {keep_rate: 0.7,
+    # locations: [2, 4], shrink_steps: 100}; None = off
+    evit: dict | None = None
+    tome: dict | None = None
     stage: str = "all"
     data: str = "synthetic"  # synthetic | openclipart | fashion-mnist | a path; '+' joins sources
     video_data: str = "synthetic"  # synthetic | none | a path
@@ -198,7 +203,7 @@ def _flatten(data: dict, prefix: str = ""):
             yield key, v
 
 
-_DICT_FIELDS = {"model_overrides"}
+_DICT_FIELDS = {"model_overrides", "evit", "tome"}
 
 
 def _parse_value(raw: str, key: str):

@@ -34,6 +34,7 @@ class StageResult:
     total_steps: int
     final_loss: float
     seconds: float  # training time of the stage (all resumed parts together)
+    cpu_seconds: float  # this process's CPU time in this part of the stage (shared machines)
     checkpoint: str
     interrupted: bool
     samples: int
@@ -64,6 +65,14 @@ class StopSignals:
         for s, h in self._old.items():
             signal.signal(s, h)
         return False
+
+
+def cpu_time() -> float:
+    """User + system CPU seconds of this process (all its threads)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _resize(batch: dict, kind: str, img_size: int, clip_len: int, device) -> torch.Tensor:
@@ -230,7 +239,7 @@ def run_stage(cfg: TrainConfig, task: Task, d, sources: dict, *, log: MetricsLog
     progress = Progress(stage, total, start, d.is_main, cfg.log_every)
     recent = collections.deque(maxlen=10)
     window_t, window_samples = time.perf_counter(), 0
-    t_stage = time.perf_counter()
+    t_stage, cpu_stage = time.perf_counter(), cpu_time()
     interrupted, done, last_path = False, start, None
     samples_done = 0
     try:
@@ -305,8 +314,8 @@ def run_stage(cfg: TrainConfig, task: Task, d, sources: dict, *, log: MetricsLog
         progress.close()
     seconds = elapsed + time.perf_counter() - t_stage
     final_loss = d.mean(sum(recent) / max(1, len(recent)))
-    result = StageResult(stage, done, total, final_loss, seconds, last_path, interrupted,
-                         samples_done)
+    result = StageResult(stage, done, total, final_loss, seconds, cpu_time() - cpu_stage,
+                         last_path, interrupted, samples_done)
     if not interrupted and d.is_main:
         with open(os.path.join(stage_dir, "done.json"), "w") as f:
             json.dump({"steps": total, "final_loss": final_loss, "seconds": seconds,

@@ -154,8 +154,8 @@ def train(cfg: TrainConfig, *, api: ModelAPI | None = None, sources: dict | None
                               resume_path=resume.get(s), init_path=init,
                               teacher_path=_teacher_for(cfg, s), collate=collate)
                 summary["stages"][s] = {"steps": r.steps, "final_loss": r.final_loss,
-                                        "seconds": r.seconds, "samples": r.samples,
-                                        "checkpoint": r.checkpoint}
+                                        "seconds": r.seconds, "cpu_seconds": r.cpu_seconds,
+                                        "samples": r.samples, "checkpoint": r.checkpoint}
                 if r.interrupted:
                     summary["interrupted"] = stop.signum or -1
                     break

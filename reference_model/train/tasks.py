@@ -38,6 +38,20 @@ def default_api() -> ModelAPI:
                     clip=rm.CLIPModel, text_tower=text_tower)
 
 
+def token_reduction(spec: dict) -> dict:
+    """create_vit's evit= / tome= from a spec's JSON settings (absent: none)."""
+    import xray_ops as xo
+
+    out = {}
+    if spec.get("evit"):
+        out["evit"] = xo.EViTConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                       for k, v in spec["evit"].items()})
+    if spec.get("tome"):
+        r = spec["tome"].get("r", 0)
+        out["tome"] = xo.ToMeConfig(**dict(spec["tome"], r=r))
+    return out
+
+
 def find_encoder(model: nn.Module) -> nn.Module:
     """The ViT inside a stage model (attribute ``vit``, ``visual`` or ``encoder``)."""
     m = getattr(model, "module", model)  # DDP
@@ -69,12 +83,15 @@ class Task:
 
     def spec(self, cfg, datasets) -> dict:
         """The spec of this stage's model for a run (may read the training data: vocabulary)."""
+        reduce = self.stage != "mae"
         return {"stage": self.stage, "model": cfg.model, "overrides": dict(cfg.model_overrides),
                 "ops": cfg.ops, "kwargs": dict(cfg.stage_config(self.stage).model),
-                "vocab": None}
+                "vocab": None, "evit": cfg.evit if reduce else None,
+                "tome": cfg.tome if reduce else None}
 
     def build(self, spec: dict, ops: str | None = None) -> nn.Module:
-        vit = self.api.create_vit(spec["model"], ops=ops or spec["ops"], **spec["overrides"])
+        vit = self.api.create_vit(spec["model"], ops=ops or spec["ops"], **token_reduction(spec),
+                                  **spec["overrides"])
         return self._wrap(vit, spec, ops or spec["ops"])
 
     def _wrap(self, vit, spec, ops):  # pragma: no cover - abstract
