@@ -6,7 +6,7 @@ import torch
 
 import xray_ops as xo
 from xray_ops import _dispatch, _ext
-from xray_ops.ops import attention as ops_attn
+from xray_ops.ops import attention_backends as attn_backends
 from xray_ops.reference import attention as ref
 from xray_ops.testing import assert_close_to_reference
 
@@ -255,7 +255,7 @@ def test_qkvpacked_reads_the_packed_tensor_in_place():
 
     def spy(q, k, v, *rest):
         seen.append((q.data_ptr(), k.data_ptr(), v.data_ptr(), q.is_contiguous()))
-        return ops_attn._torch_forward(q, k, v, *rest)
+        return attn_backends._torch_forward(q, k, v, *rest)
 
     impl = _dispatch._IMPLS["flash_attention"]["torch"]
     _dispatch._IMPLS["flash_attention"]["torch"] = _dispatch.Impl(
@@ -466,7 +466,7 @@ def test_cuda_reasons_without_crashing(monkeypatch):
     q = torch.randn(1, 2, 5, 48)
     inputs = dict(q=q, k=q, v=q.transpose(-1, -2).contiguous().transpose(-1, -2), key_bias=None,
                   scale=1.0, causal=False, want_cls=True)
-    reasons = " ".join(ops_attn._cuda_forward_check(
+    reasons = " ".join(attn_backends.cuda_forward_check(
         _dispatch._as_inputs(_dispatch._SPECS["flash_attention"], inputs, False)))
     assert "head dim 48 not supported" in reasons
     assert "v needs stride(-1) == 1" in reasons
@@ -493,8 +493,8 @@ def test_opcheck(backend):
     out, _, lse = op(q, k, v, kb, 0.25, False, True, True, backend)
     torch.library.opcheck(torch.ops.xray_ops.flash_attention_backward.default,
                           (torch.randn_like(out), torch.randn(1, 7), torch.randn_like(lse),
-                           q.detach(), k.detach(), v.detach(), kb.detach(), out.detach(),
-                           lse.detach(), 0.25, False, backend))
+                           q.detach(), k.detach(), v.detach(), kb.detach(), True,
+                           out.detach(), lse.detach(), 0.25, False, backend))
 
 
 def test_torch_compile_fullgraph_block_with_key_bias_and_cls_attn():
