@@ -12,7 +12,7 @@ from xray_ops.testing import assert_close_to_reference
 
 from .matrix import device_backend_dtypes
 
-CPU_BACKENDS = ("torch", "triton")
+CPU_BACKENDS = ("torch", "triton", "cpu")
 # what last_backend reports after a call with return_cls_attn=True, where it is not the backend
 REPORTED_FORWARD = {"cuda": "cuda+triton"}
 REPORTED_BACKWARD = {"cuda": "triton"}
@@ -32,9 +32,11 @@ CPU_SHAPES = [
     (3, 4, 20, 20, 64, False, True),  # B·H = 12
 ]
 # the CPU matrix; the GPU has its own shapes below. Layout tests also run Triton on the GPU.
-CASES = device_backend_dtypes(cpu=CPU_BACKENDS, gpu=())
+# the cpu backend (PyTorch's CPU flash kernel) also runs bfloat16 (no interpreter involved)
+CPU_BF16 = device_backend_dtypes(cpu=("cpu",), gpu=(), cpu_dtypes=(torch.bfloat16,))
+CASES = device_backend_dtypes(cpu=CPU_BACKENDS, gpu=()) + CPU_BF16
 LAYOUT_CASES = device_backend_dtypes(cpu=CPU_BACKENDS, gpu=("triton",),
-                                     gpu_dtypes=(torch.bfloat16,))
+                                     gpu_dtypes=(torch.bfloat16,)) + CPU_BF16
 
 
 def _inputs(B, H, Nq, Nk, D, bias, dtype, device):
@@ -474,10 +476,12 @@ def test_cuda_reasons_without_crashing(monkeypatch):
     assert impl.backward is not None and impl.reports(None, backward=True) == "triton"
 
 
-def test_auto_picks_torch_on_cpu():
-    q, k, v, _ = _inputs(1, 2, 5, 5, 32, False, torch.float32, "cpu")
-    xo.flash_attention(q, k, v)
-    assert xo.last_backend("flash_attention") == "torch"
+def test_auto_picks_cpu_on_cpu():
+    for dtype, picked in ((torch.float32, "cpu"), (torch.float16, "cpu"),
+                          (torch.bfloat16, "cpu"), (torch.float64, "torch")):
+        q, k, v, _ = _inputs(1, 2, 5, 5, 32, False, dtype, "cpu")
+        xo.flash_attention(q, k, v)
+        assert xo.last_backend("flash_attention") == picked
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

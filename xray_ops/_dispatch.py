@@ -14,7 +14,7 @@ is dispatched.
 Registration API
 ----------------
 An op module registers an op in three steps (``xray_ops/ops/evit.py`` is a small complete
-example, ``xray_ops/ops/attention/`` a large one):
+example, ``xray_ops/ops/attention_backends.py`` a larger one):
 
 1. :func:`declare` the op once: its dispatched inputs *by name*, in the order implementations
    receive them, for each direction; the input whose device and dtype decide; and the order in

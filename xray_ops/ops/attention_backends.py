@@ -14,14 +14,15 @@ views of its qkv):
 dout is never None (zeros when out is unused); dcls / dlse are None when no gradient arrives
 there; key_bias_grad says whether dkey_bias is wanted (a backend may return it regardless).
 The kernels: ``xray_ops.kernels.flash_attention`` / ``flash_attention_bwd`` (Triton),
-``csrc/flash_attn/`` (CUDA forward; its CLS row and backward are the Triton kernels).
+``csrc/flash_attn/`` (CUDA forward; its CLS row and backward are the Triton kernels) and
+:mod:`xray_ops.cpu.attention` (PyTorch's CPU flash kernel).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .._dispatch import (FLOATS, GPU_FLOATS, HALF_FLOATS, TRITON, cuda_extension, declare,
+from .._dispatch import (FLOATS, GPU_FLOATS, HALF_FLOATS, TORCH, TRITON, cuda_extension, declare,
                          lazy, register, requires)
 from ..reference import attention as ref
 
@@ -182,9 +183,11 @@ def cuda_forward_check(i) -> list[str]:
 _FORWARD = ("q", "k", "v", "key_bias", "scale", "causal", "want_cls")
 _BACKWARD = ("dout", "dcls", "dlse", "q", "k", "v", "key_bias", "key_bias_grad", "out", "lse",
              "scale", "causal", "dq", "dk", "dv")
+_CPU = "xray_ops.cpu.attention"
 
 # Triton first: the primary path (forward and backward); the CUDA forward joins "auto" after it
-# until measurements on the GPU say otherwise.
+# until measurements on the GPU say otherwise. On CPU tensors: the cpu backend (PyTorch's
+# flash kernel); the torch reference builds the (Nq, Nk) matrix.
 declare(OP, forward=_FORWARD, backward=_BACKWARD, key="q",
         priority=("triton", "cuda", "cpu", "torch"))
 register(OP, "torch", forward=_torch_forward, backward=_torch_backward, dtypes=FLOATS)
@@ -198,6 +201,9 @@ register(OP, "cuda", forward=_cuda_forward, backward=_triton_backward, dtypes=HA
          forward_check=cuda_forward_check, backward_check=triton_backward_check,
          forward_reports=lambda i: "cuda+triton" if i.want_cls else "cuda",
          backward_reports="triton")
+# float64 stays with the reference: lse is float32 by contract, too coarse for its backward
+register(OP, "cpu", forward=lazy(_CPU, "flash_attention_forward"),
+         backward=lazy(_CPU, "flash_attention_backward"), dtypes=GPU_FLOATS, runtime=TORCH)
 
 _VARLEN_FORWARD = _FORWARD[:3] + _VARLEN_META + _FORWARD[3:]
 _VARLEN_BACKWARD = _BACKWARD[:6] + _VARLEN_META + _BACKWARD[6:]
@@ -208,3 +214,6 @@ register(OP_VARLEN, "torch", forward=_torch_forward_varlen, backward=_torch_back
 register(OP_VARLEN, "triton", forward=_triton_forward_varlen, backward=_triton_backward_varlen,
          dtypes=GPU_FLOATS, forward_check=triton_forward_check,
          backward_check=triton_backward_check)
+register(OP_VARLEN, "cpu", forward=lazy(_CPU, "flash_attention_varlen_forward"),
+         backward=lazy(_CPU, "flash_attention_varlen_backward"), dtypes=GPU_FLOATS,
+         runtime=TORCH)
