@@ -18,7 +18,7 @@ import numbers
 import torch
 
 from .. import _dispatch, _validate
-from .._dispatch import Impl, register
+from .._dispatch import FLOATS, declare, register
 from ..reference import contrastive as ref
 from ..reference.bias_gelu import compute_dtype
 
@@ -145,8 +145,8 @@ def _contrastive_op(img: torch.Tensor, txt: torch.Tensor, img_all: torch.Tensor 
                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                            torch.Tensor]:
     ct = compute_dtype(img.dtype)
-    lse_i, lse_t, ed_i, ed_t = _dispatch.run(OP, backend, (img, txt, img_all, txt_all,
-                                                           logit_scale))
+    lse_i, lse_t, ed_i, ed_t = _dispatch.run(OP, backend, img=img, txt=txt, img_all=img_all,
+                                             txt_all=txt_all, scale=logit_scale)
     pos_i, pos_t = _positive_dots(img, txt, img_all, txt_all, labels, ct)
     sc = logit_scale.to(ct).reshape(())
     loss = ((lse_i - sc * pos_i).mean() + (lse_t - sc * pos_t).mean()) / 2
@@ -174,9 +174,9 @@ def _contrastive_backward_op(
     B = img.shape[0]
     g = grad_loss.to(ct).reshape(())
     coef = g / (2 * B)
-    d_i, d_t, d_ia, d_ta = _dispatch.run(
-        OP, backend, (coef, img, txt, img_all, txt_all, logit_scale, lse_i, lse_t),
-        backward=True)
+    d_i, d_t, d_ia, d_ta = _dispatch.run_backward(
+        OP, backend, coef=coef, img=img, txt=txt, img_all=img_all, txt_all=txt_all,
+        scale=logit_scale, lse_i=lse_i, lse_t=lse_t)
     # the label terms: - coef · scale · (positive column) for each row, and the same into each
     # positive column (a scatter: labels may repeat)
     k = coef * logit_scale.to(ct).reshape(())
@@ -234,13 +234,8 @@ _contrastive_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------
 # backends
 # ----------------------------------------------------------------------------------------------
-def _impl(backend, fwd, bwd, devices, dtypes, check=None):
-    # forward key: img (arg 0); backward key: img (arg 1, after coef)
-    return register(Impl(op=OP, backend=backend, forward=fwd, backward=bwd,
-                         devices=frozenset(devices), dtypes=frozenset(dtypes), check=check,
-                         key_arg=(0, 1)))
-
-
-_F = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_impl("torch", ref.contrastive_stats, ref.contrastive_grads, {"cpu", "cuda"}, _F)
-_dispatch.set_priority(OP, ("triton", "cpu", "torch"))
+declare(OP, forward=("img", "txt", "img_all", "txt_all", "scale"),
+        backward=("coef", "img", "txt", "img_all", "txt_all", "scale", "lse_i", "lse_t"),
+        key="img", priority=("triton", "cpu", "torch"))
+register(OP, "torch", forward=ref.contrastive_stats, backward=ref.contrastive_grads,
+         dtypes=FLOATS)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .. import _dispatch
-from .._dispatch import Impl, register
+from .._dispatch import FLOATS, declare, register
 from ..reference import lion as ref
 
 OP = "lion"
@@ -60,7 +60,8 @@ def _lion_op(params: list[torch.Tensor], grads: list[torch.Tensor],
         flat_g.append(g.contiguous())  # a gradient is almost always contiguous already
         flat_m.append(m)
     for ps, gs, ms in _buckets(flat_p, flat_g, flat_m):
-        _dispatch.run(OP, backend, (ps, gs, ms, lr, beta1, beta2, weight_decay))
+        _dispatch.run(OP, backend, params=ps, grads=gs, exp_avgs=ms, lr=lr, beta1=beta1,
+                      beta2=beta2, weight_decay=weight_decay)
 
 
 @_lion_op.register_fake
@@ -83,11 +84,7 @@ def lion_step(params, grads, exp_avgs, lr: float, beta1: float, beta2: float,
 # ----------------------------------------------------------------------------------------------
 # backends
 # ----------------------------------------------------------------------------------------------
-def _impl(backend, fwd, devices, dtypes, check=None):
-    return register(Impl(op=OP, backend=backend, forward=fwd, devices=frozenset(devices),
-                         dtypes=frozenset(dtypes), check=check))
-
-
-_F = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_impl("torch", ref.lion_step, {"cpu", "cuda"}, _F)
-_dispatch.set_priority(OP, ("cuda", "triton", "cpu", "torch"))
+# key "params": a TensorList, whose device / dtype are its tensors'
+declare(OP, forward=("params", "grads", "exp_avgs", "lr", "beta1", "beta2", "weight_decay"),
+        key="params", priority=("cuda", "triton", "cpu", "torch"))
+register(OP, "torch", forward=ref.lion_step, dtypes=FLOATS)
