@@ -5,9 +5,11 @@
 #
 # Installs the project without downloading anything, builds csrc/ for sm_90a with all cores,
 # runs `pytest -m gpu` per op (PYTEST_BUDGET s each), then `python -m bench <op> --quick` for
-# each timed op (BENCH_BUDGET s each), and leaves in OUT_DIR (at most 8 files, for the device tool):
-# summary.txt, bench.csv, pytest_gpu.log, build.log, info.txt and plots.tar.gz (PNGs + the
-# bench log). Prints a short table last. Budget: under 8 minutes (180 + 5 x 35 + 4 x 45 s at most).
+# each timed op (BENCH_BUDGET s each), then a short l16 training / inference run of the reference
+# model (TRAIN_BUDGET s), and leaves in OUT_DIR (at most 8 files, for the device tool):
+# summary.txt, bench.csv, train_bench.csv, pytest_gpu.log, build.log, info.txt and plots.tar.gz
+# (PNGs + the bench log). Prints a short table last. Budget: under 10 minutes
+# (180 + 5 x 35 + 4 x 45 + 60 s at most).
 # Not yet run on a GPU: the budgets are estimates.
 set -uo pipefail
 OUT=$(mkdir -p "${1:-./device-out}" && cd "${1:-./device-out}" && pwd)
@@ -52,6 +54,14 @@ for op in evit_select tome_merge flash_attention int8; do
     >> "$OUT/bench.log" 2>&1
   stamp "bench $op exit $?"
 done
+# the reference model (issue 10): a short l16 training run in bf16 (ops=xray vs ops=torch eager,
+# then torch.compile of each) and l16 inference (float eager vs ToMe r=8, int8, both); rows are
+# appended as each mode finishes, the compile modes run last and are skipped past --budget
+stamp "train bench l16 bf16"
+TB=${TRAIN_BUDGET:-60}
+timeout -s INT $TB $PY -m reference_model.train.bench --config l16 --device cuda --batch 64 \
+  --steps 5 --budget $(( TB - 20 )) --csv "$OUT/train_bench.csv" >> "$OUT/bench.log" 2>&1
+stamp "train bench exit $?"
 $PY -m bench plot --csv "$OUT/bench.csv" --out "$OUT/plots" > /dev/null 2>&1
 tar -czf "$OUT/plots.tar.gz" -C "$OUT" plots bench.log 2>/dev/null && rm -rf "$OUT/plots"
 
@@ -60,5 +70,8 @@ tar -czf "$OUT/plots.tar.gz" -C "$OUT" plots bench.log 2>/dev/null && rm -rf "$O
   echo; echo "== failures =="; grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu.log" | head -15
   echo; echo "== bench (speedup vs eager) =="
   [ -f "$OUT/bench.csv" ] && $PY -m bench summary --csv "$OUT/bench.csv" | tail -80
+  echo; echo "== reference model l16 (samples/s, vs torch eager) =="
+  [ -f "$OUT/train_bench.csv" ] && $PY -c "import csv,sys
+for r in csv.DictReader(open(sys.argv[1])): print(r['what'], r['mode'], r['samples_per_s'], r['vs_torch'], r['note'])" "$OUT/train_bench.csv"
 } | tee -a "$OUT/summary.txt"
 stamp "done"
