@@ -1,4 +1,4 @@
-"""``fashion-mnist``: Debian's dataset-fashion-mnist (idx-ubyte.gz), for zero-shot classification."""
+"""``fashion-mnist``: Debian's dataset-fashion-mnist (idx-ubyte.gz) for zero-shot classification."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ split's clips). Fashion-MNIST's test split when the Debian package is installed.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Optional
 
 import torch
@@ -73,6 +74,10 @@ def build_eval_data(size: int = 32, frames: int = 8, *, n_images: int = 400,
             data.fmnist_classes, data.fmnist_prompts = list(fm.classes), list(fm.prompts)
         except MissingPackage as e:
             data.fmnist_reason = str(e)
+        except (OSError, ValueError, EOFError) as e:  # a corrupt archive: skip, say why
+            data.fmnist_reason = f"fashion-mnist unreadable: {type(e).__name__}: {e}"
+            warnings.warn(f"evaluate: {data.fmnist_reason}; Fashion-MNIST skipped",
+                          stacklevel=2)
     elif not fashion_mnist:
         data.fmnist_reason = "fashion_mnist=False"
     return data
