@@ -18,6 +18,8 @@ import functools
 import hashlib
 import json
 import os
+import time
+import uuid
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -130,7 +132,7 @@ def _caption_key(caption: str) -> str:
 class TextEmbeddingCache:
     """Caption -> embedding rows kept in memory and in append-only safetensors shards.
 
-    ``folder/part-00000.safetensors`` ... each holds a tensor "emb" (n, D) and, in its
+    ``folder/part-<time>-<pid>-<random>.safetensors`` each hold a tensor "emb" (n, D) and, in its
     metadata, the JSON list of the rows' caption keys (sha1 of the caption). A flush writes
     only the rows added since the last one, so caching a dataset batch by batch costs what
     the new rows cost.
@@ -165,8 +167,9 @@ class TextEmbeddingCache:
         from safetensors.torch import save_file
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        n = len(list(self.folder.glob("part-*.safetensors")))
-        path = self.folder / f"part-{n:05d}.safetensors"
+        # a name no other process (a data-parallel rank on the same folder) picks too
+        path = self.folder / f"part-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}" \
+                             f".safetensors"
         tmp = path.with_suffix(".tmp")
         keys = list(self._new)
         save_file({"emb": torch.stack([self._new[k] for k in keys]).contiguous()}, str(tmp),
@@ -214,6 +217,11 @@ class FrozenTextEncoder:
                             Path(cache_dir) if cache_dir not in (None, True) else
                             default_cache_dir())
         self.refresh()
+
+    def __deepcopy__(self, memo):
+        # frozen and outside the model's state: a copy of the model (EMA, an int8 copy for
+        # evaluation) shares it instead of duplicating the encoder and its cache
+        return self
 
     def fingerprint(self) -> str:
         """sha1 of the weights and the settings that shape an embedding."""

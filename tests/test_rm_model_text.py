@@ -1,6 +1,7 @@
 """LLM2CLIP-style text tower: the frozen all-MiniLM-L6-v2 encoder (offline), its on-disk
 caption-embedding cache, the trainable adapter, and caption-contrastive fine-tuning."""
 
+import copy
 import os
 
 import pytest
@@ -70,6 +71,8 @@ def test_cache_computes_each_caption_once_and_persists(encoder, monkeypatch):
 def test_adapter_tower_trains_only_the_adapter(encoder):
     tower = AdapterTextTower(encoder, output_dim=16)
     assert not any(k.startswith("encoder") for k in tower.state_dict())
+    twin = copy.deepcopy(tower)   # e.g. the evaluation's int8 copy: the frozen encoder is shared
+    assert twin.encoder is encoder and twin.fc1.weight is not tower.fc1.weight
     out = tower(CAPS)
     assert out.shape == (3, 16)
     vit = create_vit("tiny", embed_dim=32, depth=1, num_heads=2, patch_size=4, img_size=16,
