@@ -53,7 +53,8 @@ class IndexStream:
 class SeededItems(Dataset):
     """``ds[idx]`` fetched as ``self[(item_seed, idx)]`` with torch / numpy / random seeded by
     item_seed; the caller's RNG states are restored afterwards (so a fetch in the main process
-    leaves the training RNG untouched)."""
+    leaves the training RNG untouched). The DataLoader fetches a micro-batch at once through
+    ``__getitems__``: the states are saved and restored once per batch, not per item."""
 
     def __init__(self, ds):
         self.ds = ds
@@ -62,14 +63,19 @@ class SeededItems(Dataset):
         return len(self.ds)
 
     def __getitem__(self, key):
-        item_seed, idx = key
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys):
         py, npy = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(item_seed)
-            random.seed(item_seed)
-            np.random.seed(item_seed % 2**32)
             try:
-                return self.ds[idx]
+                out = []
+                for item_seed, idx in keys:
+                    torch.default_generator.manual_seed(item_seed)  # CPU only: 100x cheaper
+                    random.seed(item_seed)
+                    np.random.seed(item_seed % 2**32)
+                    out.append(self.ds[idx])
+                return out
             finally:
                 random.setstate(py)
                 np.random.set_state(npy)
