@@ -55,7 +55,9 @@ class _Block(nn.Module):
     def __init__(self, dim):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        # no key bias: its gradient is zero in exact arithmetic (softmax shift), and Adam turns
+        # the rounding noise there into whole steps, which would defeat exact comparisons
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True, bias=False)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
