@@ -15,7 +15,8 @@ import signal
 import sys
 
 from .checkpoint import CheckpointError
-from .config import MODEL_NAMES, STAGES, ConfigError, load_config, set_key, validate
+from .config import (MODEL_NAMES, STAGES, ConfigError, apply_overrides, load_config, set_key,
+                     validate)
 
 PROG = "xray-train"
 
@@ -83,9 +84,14 @@ _FLAGS = {"stage": "stage", "data": "data", "video_data": "video_data", "out": "
 
 
 def config_from_args(argv=None):
-    """Parse and validate the command line into a TrainConfig (ConfigError on anything bad)."""
+    """Parse and validate the command line into a TrainConfig (ConfigError on anything bad).
+
+    Order: the config's preset (or YAML file), then the flags, then the key=value overrides,
+    so ``--steps 100 clip.steps=300`` trains the CLIP stage 300 steps and the others 100."""
+    from .runner import check_data
+
     args = build_parser().parse_args(argv)
-    cfg = load_config(args.config, [o for o in args.overrides])
+    cfg = load_config(args.config)
     for flag, key in _FLAGS.items():
         v = getattr(args, flag)
         if v is not None:
@@ -96,15 +102,7 @@ def config_from_args(argv=None):
             sc.steps = args.steps
         if args.epochs is not None:
             sc.epochs = args.epochs
-    # the stage-specific overrides win over --steps / --epochs
-    for o in args.overrides:
-        k, v = o.split("=", 1)
-        if k.split(".")[-1] in ("steps", "epochs"):
-            from .config import _parse_value
-
-            set_key(cfg, k.strip(), _parse_value(v, k))
-    from .runner import check_data
-
+    apply_overrides(cfg, args.overrides)
     validate(cfg)
     check_data(cfg)
     return cfg

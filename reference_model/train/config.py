@@ -164,7 +164,13 @@ def load_config(config: str, overrides: list[str] | None = None) -> TrainConfig:
         cfg = _preset(model)
         for key, value in _flatten(data):
             set_key(cfg, key, value)
-    for item in overrides or []:
+    apply_overrides(cfg, overrides or [])
+    return cfg
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """``key=value`` items (dotted keys, YAML values) applied in order."""
+    for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. mae.steps=20)")
         key, raw = item.split("=", 1)

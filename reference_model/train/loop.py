@@ -137,31 +137,45 @@ def load_encoder_from(model, path: str) -> tuple[list[str], list[str]]:
     return list(res.missing_keys), list(res.unexpected_keys)
 
 
-def run_stage(cfg: TrainConfig, task: Task, d, sources: dict, *, log: MetricsLog,
-              stop: StopSignals, resume_path: str | None = None, init_path: str | None = None,
-              teacher_path: str | None = None, collate=None) -> StageResult:
-    """Train one stage; returns its :class:`StageResult` (``interrupted`` when a signal or
-    ``stop_after`` ended it early; a checkpoint is written either way)."""
-    stage = task.stage
-    sc = cfg.stage_config(stage)
-    stage_dir = os.path.join(cfg.out, stage)
-    device = d.device
-    resumed, teacher = None, None
-    if teacher_path and cfg.distill.weight > 0:
-        teacher = load_teacher(teacher_path, task, device, ops=cfg.ops)
+@dataclass
+class _Run:
+    """What one stage trains with, set up by :func:`_setup`."""
+
+    model: torch.nn.Module  # the stage model (FSDP shards it in place)
+    wrapped: torch.nn.Module  # DDP / FSDP view of it (forward + state dicts)
+    call: torch.nn.Module  # what the loss calls: wrapped, or torch.compile(wrapped)
+    encoder: torch.nn.Module
+    spec: dict
+    teacher: torch.nn.Module | None
+    opt: torch.optim.Optimizer
+    lr_sched: torch.optim.lr_scheduler.LRScheduler
+    schedule: ResolutionSchedule
+    total: int
+    mode: str
+    start: int = 0
+    positions: dict | None = None
+    elapsed: float = 0.0
+    rng: dict | None = None  # the rank's RNG state to restore (resume)
+
+
+def _setup(cfg, task, d, sources, resume_path, init_path, teacher_path) -> _Run:
+    """Build (or restore) the model, optimizer, schedules and teacher of a stage."""
+    stage, sc, device = task.stage, cfg.stage_config(task.stage), d.device
+    teacher = (load_teacher(teacher_path, task, device, ops=cfg.ops)
+               if teacher_path and cfg.distill.weight > 0 else None)
+    resumed = None
     if resume_path:
-        tensors, meta = ckpt.load_checkpoint(resume_path)
-        if meta["stage"] != stage:
-            raise ValueError(f"resume {resume_path}: a {meta['stage']} checkpoint, expected "
-                             f"{stage}")
-        resumed, spec = (tensors, meta), meta["spec"]
+        resumed = ckpt.load_checkpoint(resume_path)
+        if resumed[1]["stage"] != stage:
+            raise ValueError(f"resume {resume_path}: a {resumed[1]['stage']} checkpoint, "
+                             f"expected {stage}")
+        spec = resumed[1]["spec"]
     else:
         spec = task.spec(cfg, [ds for ds in sources.values() if ds is not None])
         if teacher is not None:
             spec = task.adapt_to_teacher(spec, teacher)
 
-    # the same initial weights on every rank
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = annotate(task.build(spec), spec).to(device)
     enc = find_encoder(model)
     if init_path and not resumed:
@@ -172,147 +186,155 @@ def run_stage(cfg: TrainConfig, task: Task, d, sources: dict, *, log: MetricsLog
     if cfg.grad_checkpointing:
         _enable_grad_checkpointing(enc)
 
-    video_ds = sources.get("video")
-    video_every = sc.video_every if video_ds is not None else 0
     patch = enc.patch_embed.patch_size
     patch = patch[0] if isinstance(patch, (tuple, list)) else patch
-    tubelet = getattr(enc.patch_embed, "tubelet_size", 1)
-    divisor = d.world * cfg.accum
+    video_every = sc.video_every if sources.get("video") is not None else 0
 
     def schedule_for(steps):
         return ResolutionSchedule(sc.phases, steps, sc.batch_size, patch_size=patch,
-                                  tubelet=tubelet, divisor=divisor, video_every=video_every)
+                                  tubelet=getattr(enc.patch_embed, "tubelet_size", 1),
+                                  divisor=d.world * cfg.accum, video_every=video_every)
 
     total = sc.steps
     if sc.epochs is not None:
-        total = steps_for_epochs(sc.epochs, len(sources["image"]), schedule_for)
-    if resumed:
-        total = resumed[1]["total_steps"] if sc.epochs is not None else total
-    sched_res = schedule_for(total)
-
+        total = (resumed[1]["total_steps"] if resumed else
+                 steps_for_epochs(sc.epochs, len(sources["image"]), schedule_for))
     mode = parallel_mode(cfg, d)
     wrapped = dist_mod.wrap(model, mode, d, find_unused=cfg.ddp_find_unused)
     lr, wd = stage_optim(cfg, stage)
     opt = build_optimizer(model, cfg.optimizer, lr, wd)
-    lr_sched = lr_scheduler(opt, total, sc.warmup, sc.min_lr_ratio)
-    call = torch.compile(wrapped) if cfg.compile else wrapped
-
-    start, positions, elapsed = 0, {"image": 0, "video": 0}, 0.0
+    run = _Run(model, wrapped, torch.compile(wrapped) if cfg.compile else wrapped, enc, spec,
+               teacher, opt, lr_scheduler(opt, total, sc.warmup, sc.min_lr_ratio),
+               schedule_for(total), total, mode, positions={"image": 0, "video": 0})
     if resumed:
         tensors, meta = resumed
         model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-        optim_sd = ckpt.unpack_optimizer(tensors, meta["optimizer"])
-        dist_mod.load_full_state_dicts(wrapped, opt, model_sd, optim_sd)
-        lr_sched.load_state_dict(meta["scheduler"])
-        start, positions, elapsed = meta["step"], dict(meta["positions"]), meta["elapsed"]
-        rng = meta["rng"][d.rank] if d.rank < len(meta["rng"]) else meta["rng"][0]
-        rank_key = d.rank if f"rng.{d.rank}.torch" in tensors else 0
-        rng["tensors"] = {k.split(".")[-1]: v for k, v in tensors.items()
-                          if k.startswith(f"rng.{rank_key}.")}
+        dist_mod.load_full_state_dicts(wrapped, opt, model_sd,
+                                       ckpt.unpack_optimizer(tensors, meta["optimizer"]))
+        run.lr_sched.load_state_dict(meta["scheduler"])
+        run.start, run.positions, run.elapsed = meta["step"], dict(meta["positions"]), \
+            meta["elapsed"]
+        # this rank's RNG; a run on more ranks than wrote the checkpoint reuses rank 0's
+        r = d.rank if f"rng.{d.rank}.torch" in tensors else 0
+        run.rng = dict(meta["rng"][r], tensors={k.split(".")[-1]: v for k, v in tensors.items()
+                                                if k.startswith(f"rng.{r}.")})
+    return run
+
+
+def _train_step(cfg, task, run: _Run, d, loaders, plan, autocast) -> tuple[float, float]:
+    """One optimizer step over ``cfg.accum`` micro-batches; (task loss, distillation loss)."""
+    kind = "video" if plan.video else "image"
+    if hasattr(run.encoder, "set_step"):
+        run.encoder.set_step(plan.step)  # EViT's keep-rate schedule
+    run.wrapped.train()
+    run.opt.zero_grad(set_to_none=True)
+    loss_sum = dl_sum = 0.0
+    for micro in range(cfg.accum):
+        batch = next(loaders[kind])
+        x = _resize(batch, kind, plan.img_size, plan.clip_len, d.device)
+        # DDP: all-reduce the gradients on the last micro-batch only
+        defer = run.mode == "ddp" and micro < cfg.accum - 1
+        with run.wrapped.no_sync() if defer else contextlib.nullcontext():
+            with autocast:
+                loss, outputs = task.loss(run.call, run.model, x, batch, d)
+                total = loss
+                if run.teacher is not None:
+                    dl = task.distill_loss(outputs, run.teacher, x, batch, cfg.distill)
+                    total = loss + cfg.distill.weight * dl
+                    dl_sum += float(dl.detach())
+            (total / cfg.accum).backward()
+        loss_sum += float(loss.detach())
+    dist_mod.sync_replicated_grads(run.model, d)
+    sc = cfg.stage_config(task.stage)
+    if sc.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), sc.grad_clip)
+    run.opt.step()
+    run.lr_sched.step()
+    return loss_sum / cfg.accum, dl_sum / cfg.accum
+
+
+def run_stage(cfg: TrainConfig, task: Task, d, sources: dict, *, log: MetricsLog,
+              stop: StopSignals, resume_path: str | None = None, init_path: str | None = None,
+              teacher_path: str | None = None, collate=None) -> StageResult:
+    """Train one stage; returns its :class:`StageResult` (``interrupted`` when a signal or
+    ``stop_after`` ended it early; a checkpoint is written either way)."""
+    stage = task.stage
+    stage_dir = os.path.join(cfg.out, stage)
+    run = _setup(cfg, task, d, sources, resume_path, init_path, teacher_path)
+    start, total, positions = run.start, run.total, run.positions
+    if resume_path:
         log.truncate(stage, start)
-
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
+    autocast = (torch.autocast(d.device.type, dtype=torch.bfloat16) if use_bf16
                 else contextlib.nullcontext())
-
     loaders = {}
     for kind, ds in sources.items():
-        if ds is None:
-            continue
-        steps_iter = _steps_of(sched_res, start, total, video=kind == "video")
-        stream = IndexStream(len(ds), cfg.seed, SOURCE_IDS[kind])
-        loaders[kind] = make_loader(ds, stream, steps_iter,
-                                    lambda s: sched_res.plan(s).batch_size, positions[kind],
-                                    rank=d.rank, world=d.world, accum=cfg.accum,
-                                    num_workers=cfg.num_workers, collate=collate,
-                                    seed=cfg.seed)
+        if ds is not None:
+            loaders[kind] = make_loader(
+                ds, IndexStream(len(ds), cfg.seed, SOURCE_IDS[kind]),
+                _steps_of(run.schedule, start, total, video=kind == "video"),
+                lambda s: run.schedule.plan(s).batch_size, positions[kind], rank=d.rank,
+                world=d.world, accum=cfg.accum, num_workers=cfg.num_workers, collate=collate,
+                seed=cfg.seed)
 
     # Nothing above may depend on the global RNG after this point differs between a straight
     # run and a resumed one: from here on it drives the masks and drop path of each rank.
-    if resumed:
-        ckpt.set_rng_state(rng)
+    if run.rng is not None:
+        ckpt.set_rng_state(run.rng)
         if d.is_main:
             print(f"[{stage}] resumed from {resume_path} at step {start}/{total}", flush=True)
     else:
         torch.manual_seed(cfg.seed * 1009 + 7919 * d.rank + 31 * STAGE_SEEDS[stage])
 
     progress = Progress(stage, total, start, d.is_main, cfg.log_every)
-    recent = collections.deque(maxlen=10)
+    recent = collections.deque(maxlen=10)  # final_loss: the mean of the last 10 steps
     window_t, window_samples = time.perf_counter(), 0
     t_stage, cpu_stage = time.perf_counter(), cpu_time()
-    interrupted, done, last_path = False, start, None
-    samples_done = 0
+    interrupted, done, last_path, samples_done = False, start, None, 0
+    with_teacher = run.teacher is not None
     try:
         for step in range(start, total):
-            plan = sched_res.plan(step)
+            plan = run.schedule.plan(step)
             kind = "video" if plan.video else "image"
-            if hasattr(enc, "set_step"):
-                enc.set_step(step)
-            wrapped.train()
-            opt.zero_grad(set_to_none=True)
-            loss_sum = dl_sum = 0.0
-            for micro in range(cfg.accum):
-                batch = next(loaders[kind])
-                x = _resize(batch, kind, plan.img_size, plan.clip_len, device)
-                sync = (micro == cfg.accum - 1) or mode != "ddp"
-                ctx = contextlib.nullcontext() if sync else wrapped.no_sync()
-                with ctx:
-                    with autocast:
-                        loss, outputs = task.loss(call, model, x, batch, d)
-                        total_loss = loss
-                        if teacher is not None:
-                            dl = task.distill_loss(outputs, teacher, x, batch, cfg.distill)
-                            total_loss = loss + cfg.distill.weight * dl
-                            dl_sum += float(dl.detach())
-                    (total_loss / cfg.accum).backward()
-                loss_sum += float(loss.detach())
-            dist_mod.sync_replicated_grads(model, d)
-            if sc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), sc.grad_clip)
-            opt.step()
-            lr_sched.step()
+            loss_v, dl_v = _train_step(cfg, task, run, d, loaders, plan, autocast)
             positions[kind] += plan.batch_size
             samples_done += plan.batch_size
             window_samples += plan.batch_size
-            loss_v, dl_v = loss_sum / cfg.accum, dl_sum / cfg.accum
-            recent.append(loss_v + (cfg.distill.weight * dl_v if teacher is not None else 0.0))
+            recent.append(loss_v + cfg.distill.weight * dl_v)
             done = step + 1
             last = done == total
+            shape = f"| {plan.img_size}px b{plan.batch_size}"
             if done % cfg.log_every == 0 or last or done == start + 1:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+                if d.device.type == "cuda":
+                    torch.cuda.synchronize(d.device)
                 now = time.perf_counter()
                 sps = window_samples / max(1e-9, now - window_t)
                 window_t, window_samples = now, 0
                 loss_m, dl_m = d.mean(loss_v), d.mean(dl_v)
-                log.log({"stage": stage, "step": done, "loss": loss_m + cfg.distill.weight * dl_m
-                         if teacher is not None else loss_m, "loss_task": loss_m,
-                         "loss_distill": dl_m if teacher is not None else "",
-                         "lr": opt.param_groups[0]["lr"], "samples_per_s": sps,
+                log.log({"stage": stage, "step": done,
+                         "loss": loss_m + cfg.distill.weight * dl_m, "loss_task": loss_m,
+                         "loss_distill": dl_m if with_teacher else "",
+                         "lr": run.opt.param_groups[0]["lr"], "samples_per_s": sps,
                          "source": kind, "img_size": plan.img_size,
                          "clip_len": plan.clip_len if plan.video else "",
                          "batch_size": plan.batch_size, "tokens": plan.tokens,
-                         "elapsed_s": elapsed + now - t_stage})
-                progress.update(done, loss_m, sps, f"| {plan.img_size}px b{plan.batch_size}")
+                         "elapsed_s": run.elapsed + now - t_stage})
+                progress.update(done, loss_m, sps, shape)
             else:
-                progress.update(done, loss_v, float("nan") if not window_samples else
-                                window_samples / max(1e-9, time.perf_counter() - window_t),
-                                f"| {plan.img_size}px b{plan.batch_size}")
-            want_stop = bool(stop.signum) or (cfg.stop_after is not None
-                                              and done >= cfg.stop_after and not last)
-            want_stop = d.any(want_stop)
-            periodic = cfg.ckpt_every and done % cfg.ckpt_every == 0
-            if last or want_stop or periodic:
+                progress.update(done, loss_v, None, shape)
+            want_stop = d.any(bool(stop.signum) or (cfg.stop_after is not None
+                                                    and done >= cfg.stop_after and not last))
+            if last or want_stop or (cfg.ckpt_every and done % cfg.ckpt_every == 0):
                 last_path = save_stage_checkpoint(
-                    cfg, d, stage, stage_dir, wrapped, opt, lr_sched, spec, model,
-                    step=done, total=total, positions=positions,
-                    elapsed=elapsed + time.perf_counter() - t_stage)
+                    cfg, d, stage, stage_dir, run.wrapped, run.opt, run.lr_sched, run.spec,
+                    run.model, step=done, total=total, positions=positions,
+                    elapsed=run.elapsed + time.perf_counter() - t_stage)
             if want_stop and not last:
                 interrupted = True
                 break
     finally:
         progress.close()
-    seconds = elapsed + time.perf_counter() - t_stage
+    seconds = run.elapsed + time.perf_counter() - t_stage
     final_loss = d.mean(sum(recent) / max(1, len(recent)))
     result = StageResult(stage, done, total, final_loss, seconds, cpu_time() - cpu_stage,
                          last_path, interrupted, samples_done)

@@ -111,9 +111,13 @@ class Progress:
             self.bar = tqdm(total=total, initial=start, desc=stage, unit="step",
                             dynamic_ncols=True, leave=True)
 
-    def update(self, step: int, loss: float, sps: float, extra: str = "") -> None:
+    def update(self, step: int, loss: float, sps: float | None, extra: str = "") -> None:
+        """One step done; ``sps`` (samples/s) is given on the steps that measured it."""
         if not self.enabled:
             return
+        if sps is not None:
+            self.sps = sps
+        sps = getattr(self, "sps", float("nan"))
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(f"loss {loss:.4f} | {sps:.1f} samples/s {extra}", refresh=False)
