@@ -31,7 +31,9 @@ from . import shapes as S
 from .base import CaptionDataset, check_index, check_size, make_meta
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
-SIZES = {"small": (0.10, 0.13), "large": (0.17, 0.21)}  # radius, fraction of the side
+# radius, a fraction of the side: at 32 px a small shape is 8-10 px across, two patches of
+# the tiny model (smaller ones made every shape a blob the model could not tell apart)
+SIZES = {"small": (0.12, 0.15), "large": (0.18, 0.22)}
 RELATIONS = ("left of", "right of", "above", "below")
 _INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 _SYNONYM = {"left of": "to the left of", "right of": "to the right of", "above": "over",
@@ -52,7 +54,10 @@ _NOISE_WEIGHTS = [1.0 / (k + 1) ** 1.5 for k in range(len(NOISE_TAGS))]
 IMAGE_CLASSES = [f"{c} {s}" for c in S.COLOURS for s in S.SHAPES]
 IMAGE_PROMPTS = ["a {}.", "a photo of a {}.", "a picture of a {}.", "a drawing of a {}.",
                  "a small {}.", "a large {}.", "a {} on a textured background."]
-VIDEO_PROMPTS = ["a shape {}.", "a video of a shape {}.", "an object {}.", "something {}."]
+# a motion's prompts name every colour and shape (an ensemble over what the clip is not
+# classified by), as the captions do, so a text tower trained only on captions reads them too
+VIDEO_PROMPTS = ["a shape {}.", "a video of a shape {}.", "an object {}."] + \
+    [f"a {c} {s} {{}}" for c in S.COLOURS for s in S.SHAPES]
 _COLOUR_RGB = {k: np.asarray(v, dtype=np.float32) for k, v in S.COLOURS.items()}
 
 
@@ -87,7 +92,7 @@ def _place_pair(rng, a: dict, b: dict, relation: str) -> None:
     horizontal = relation in ("left of", "right of")
     axis = 0 if horizontal else 1
     after = 1.0 if relation in ("left of", "above") else -1.0  # b after a along the axis
-    gap_min = a["radius"] + b["radius"] + 0.04
+    gap_min = a["radius"] + b["radius"] + 0.03
     ra, rb = a["radius"], b["radius"]
     for _ in range(200):
         pa = (rng.uniform(ra, 1 - ra), rng.uniform(ra, 1 - ra))
@@ -96,13 +101,12 @@ def _place_pair(rng, a: dict, b: dict, relation: str) -> None:
         if along > gap_min and abs(pb[1 - axis] - pa[1 - axis]) < 0.5 * along:
             a["cx"], a["cy"], b["cx"], b["cy"] = pa[0], pa[1], pb[0], pb[1]
             return
-    # the radii leave almost no room: put them at fixed positions on the axis
-    lo, hi = 0.25, 0.75
-    first, second = (lo, hi) if after > 0 else (hi, lo)
+    # the radii leave almost no room: put them at the two ends of the axis
+    ends = (ra + 0.01, 1 - rb - 0.01) if after > 0 else (1 - ra - 0.01, rb + 0.01)
     if horizontal:
-        a["cx"], a["cy"], b["cx"], b["cy"] = first, 0.5, second, 0.5
+        a["cx"], a["cy"], b["cx"], b["cy"] = ends[0], 0.5, ends[1], 0.5
     else:
-        a["cx"], a["cy"], b["cx"], b["cy"] = 0.5, first, 0.5, second
+        a["cx"], a["cy"], b["cx"], b["cy"] = 0.5, ends[0], 0.5, ends[1]
 
 
 def _phrase(obj: dict, with_size: bool = True) -> str:
@@ -307,7 +311,7 @@ class SyntheticClips(_Synthetic):
         r0 = r1 = o["radius"]
         a0 = a1 = o["angle"]
         if motion in ("growing", "shrinking"):
-            small, large = rng.uniform(0.07, 0.1), rng.uniform(0.18, 0.23)
+            small, large = rng.uniform(0.08, 0.1), rng.uniform(0.2, 0.24)
             r0, r1 = (small, large) if motion == "growing" else (large, small)
         if motion == "rotating":
             a1 = a0 + rng.choice((-1, 1)) * rng.uniform(0.5, 0.9)  # 30-50 degrees
@@ -315,7 +319,7 @@ class SyntheticClips(_Synthetic):
         p0 = [rng.uniform(rmax, 1 - rmax) for _ in range(2)]
         p1 = list(p0)
         if motion.startswith("moving"):
-            dist = rng.uniform(0.3, 0.5)
+            dist = rng.uniform(0.35, 0.5)
             axis = 0 if motion in ("moving left", "moving right") else 1
             step = -dist if motion in ("moving left", "moving up") else dist
             start = rng.uniform(rmax, 1 - rmax - dist) if step > 0 else \

@@ -108,10 +108,12 @@ class _TextSide:
         self.scale = float(model.scale().detach()) if hasattr(model, "scale") else 100.0
         enc = model.encode_text
         self.classes = M.class_embeddings(enc, data.classes, data.prompts)
-        self.shapes = M.class_embeddings(enc, list(data.shape_classes), data.prompts)
-        self.colours = M.class_embeddings(enc, list(data.colour_classes),
-                                          ["a {} shape.", "something {}.", "a {} object.",
-                                           "the colour {}."])
+        # shape (colour) classifiers: the colour-shape classes averaged over the colours
+        # (shapes): the prompt ensemble runs over the attribute not asked about, in the words
+        # the captions use ("a small red star"), not a bare "a star." no caption ever had
+        grid = self.classes.view(len(data.colour_classes), len(data.shape_classes), -1)
+        self.shapes = F.normalize(grid.mean(0), dim=-1)
+        self.colours = F.normalize(grid.mean(1), dim=-1)
         self.motions = M.class_embeddings(enc, data.motion_classes, data.motion_prompts)
         # retrieval: the distinct captions are the text gallery; an image's group is its
         # caption's position there (several single-object images share a caption)
