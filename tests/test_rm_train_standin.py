@@ -315,3 +315,21 @@ def test_seeded_items_do_not_touch_the_callers_rng():
     a = ds[(123, 3)]["image"]
     assert torch.equal(torch.get_rng_state(), before)
     assert torch.equal(ds[(123, 3)]["image"], a) and not torch.equal(ds[(124, 3)]["image"], a)
+
+
+def test_loader_batches_do_not_depend_on_workers_or_a_restart():
+    """Two DataLoader workers fetch the same micro-batches as none (items seeded by position),
+    and a loader started at a data position continues the stream exactly."""
+    ds = StandInData(40)
+
+    def batches(workers, steps, position=0):
+        it = S.make_loader(ds, S.IndexStream(len(ds), 3), iter(steps), lambda s: 6, position,
+                           rank=0, world=1, accum=2, num_workers=workers, seed=3)
+        return [b["image"] for b in it]
+
+    ref = batches(0, range(5))
+    assert len(ref) == 10 and ref[0].shape == (3, 3, 16, 16)
+    for a, b in zip(ref, batches(2, range(5))):
+        assert torch.equal(a, b)
+    for a, b in zip(ref[4:], batches(0, range(2, 5), position=12)):
+        assert torch.equal(a, b)
