@@ -11,8 +11,8 @@ from xray_ops.testing import assert_close_to_reference
 
 from .matrix import device_backend_dtypes, device_backends
 
-CPU_BACKENDS = ("torch",)
-GPU_BACKENDS = ("torch",)
+CPU_BACKENDS = ("torch", "triton")
+GPU_BACKENDS = ("torch", "triton")
 CASES = device_backend_dtypes(cpu=CPU_BACKENDS, gpu=GPU_BACKENDS)
 SHAPES = [(1, 1), (2, 3, 7), (5, 33), (3, 13, 97), (2, 8192)]
 

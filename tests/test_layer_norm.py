@@ -10,8 +10,8 @@ from xray_ops.testing import assert_close_to_reference
 
 from .matrix import device_backend_dtypes, device_backends
 
-CPU_BACKENDS = ("torch",)
-GPU_BACKENDS = ("torch",)
+CPU_BACKENDS = ("torch", "triton")
+GPU_BACKENDS = ("torch", "triton")
 CASES = device_backend_dtypes(cpu=CPU_BACKENDS, gpu=GPU_BACKENDS)
 # leading shape + C: one channel, odd primes, a ViT row count, C not a multiple of any block,
 # and a wide row (8192)

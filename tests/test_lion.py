@@ -13,8 +13,8 @@ from xray_ops.testing import assert_close_to_reference
 
 from .matrix import device_backends
 
-CPU_BACKENDS = ("torch",)
-GPU_BACKENDS = ("torch",)
+CPU_BACKENDS = ("torch", "triton")
+GPU_BACKENDS = ("torch", "triton")
 # a scalar, one element, odd sizes, a matrix not a multiple of any block, a 3-D tensor
 SHAPES = [(), (1,), (7,), (3, 5), (2, 3, 4), (67, 33), (1031,)]
 STEPS = 5
@@ -56,7 +56,11 @@ def _run_steps(backend, device, dtype, state_dtype):
                          ids=lambda v: str(v).replace("torch.", ""))
 def test_steps_match_reference_and_lion_pytorch(device, backend, dtype, state_dtype):
     if backend == "cpu" and (dtype != torch.float32 or state_dtype not in (None, torch.float32)):
-        pytest.skip("the numba backend takes float32 / float64 tensors (tested in test_dispatch)")
+        pytest.skip("the numba backend takes float32 / float64 tensors (its reasons are tested "
+                    "in test_forced_backend_reasons)")
+    if backend == "triton" and device == "cpu" and torch.bfloat16 in (dtype, state_dtype):
+        pytest.skip("the Triton interpreter truncates float32 -> bfloat16 (no round to nearest "
+                    "even); bfloat16 runs in the gpu-marked cases")
     params, states = _run_steps(backend, device, dtype, state_dtype)
     assert xo.last_backend("lion") == backend
     sd = state_dtype or dtype

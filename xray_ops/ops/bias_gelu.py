@@ -95,11 +95,25 @@ _bias_gelu_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------
 # backends
 # ----------------------------------------------------------------------------------------------
+def _triton_forward(x, bias, approximate):
+    from ..kernels import bias_gelu as k
+
+    return k.bias_gelu_forward(x, bias, approximate)
+
+
+def _triton_backward(grad_y, x, bias, approximate):
+    from ..kernels import bias_gelu as k
+
+    return k.bias_gelu_backward(grad_y, x, bias, approximate)
+
+
 def _impl(backend, fwd, bwd, devices, dtypes, check=None):
     return register(Impl(op=OP, backend=backend, forward=fwd, backward=bwd,
                          devices=frozenset(devices), dtypes=frozenset(dtypes), check=check))
 
 
 _F = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_HALF_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 _impl("torch", ref.bias_gelu_forward, ref.bias_gelu_backward, {"cpu", "cuda"}, _F)
+_impl("triton", _triton_forward, _triton_backward, {"cuda"}, _HALF_FLOAT)
 _dispatch.set_priority(OP, ("cuda", "triton", "cpu", "torch"))

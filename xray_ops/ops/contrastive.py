@@ -234,6 +234,29 @@ _contrastive_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------
 # backends
 # ----------------------------------------------------------------------------------------------
+def _triton_stats(img, txt, img_all, txt_all, scale):
+    from ..kernels import contrastive_loss as k
+
+    cols_t, cols_i = _columns(img, txt, img_all, txt_all)
+    lse_i, ed_i = k.row_stats(img, cols_t, scale)
+    lse_t, ed_t = k.row_stats(txt, cols_i, scale)
+    return lse_i, lse_t, ed_i, ed_t
+
+
+def _triton_grads(coef, img, txt, img_all, txt_all, scale, lse_i, lse_t):
+    from ..kernels import contrastive_loss as k
+
+    kk = (coef * scale.to(coef.dtype)).reshape(())
+    if img_all is None:  # both softmaxes of the one matrix reach both embeddings
+        return (k.row_grads(img, txt, scale, lse_i, lse_t) * kk,
+                k.row_grads(txt, img, scale, lse_t, lse_i) * kk, img.new_empty(0),
+                img.new_empty(0))
+    return (k.row_grads(img, txt_all, scale, lse_i, None) * kk,
+            k.row_grads(txt, img_all, scale, lse_t, None) * kk,
+            k.row_grads(img_all, txt, scale, None, lse_t) * kk,
+            k.row_grads(txt_all, img, scale, None, lse_i) * kk)
+
+
 def _impl(backend, fwd, bwd, devices, dtypes, check=None):
     # forward key: img (arg 0); backward key: img (arg 1, after coef)
     return register(Impl(op=OP, backend=backend, forward=fwd, backward=bwd,
@@ -242,5 +265,9 @@ def _impl(backend, fwd, bwd, devices, dtypes, check=None):
 
 
 _F = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_HALF_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 _impl("torch", ref.contrastive_stats, ref.contrastive_grads, {"cpu", "cuda"}, _F)
+# The GPU kernel is Triton (tl.dot lowers to wgmma / mma on sm_90 / sm_80); there is no CUDA C++
+# one: see the README.
+_impl("triton", _triton_stats, _triton_grads, {"cuda"}, _HALF_FLOAT)
 _dispatch.set_priority(OP, ("triton", "cpu", "torch"))

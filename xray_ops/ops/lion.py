@@ -83,11 +83,28 @@ def lion_step(params, grads, exp_avgs, lr: float, beta1: float, beta2: float,
 # ----------------------------------------------------------------------------------------------
 # backends
 # ----------------------------------------------------------------------------------------------
+def _triton_step(params, grads, exp_avgs, lr, beta1, beta2, weight_decay):
+    from ..kernels import lion as k
+
+    k.lion_step(params, grads, exp_avgs, lr, beta1, beta2, weight_decay)
+
+
+def _half_float_check(params, grads, exp_avgs, *rest):
+    reasons = []
+    for name, ts in (("grads", grads), ("exp_avgs", exp_avgs)):
+        if ts.dtype not in _HALF_FLOAT:
+            reasons.append(f"{name} dtype {str(ts.dtype).replace('torch.', '')} not supported "
+                           f"(float16, bfloat16, float32)")
+    return reasons
+
+
 def _impl(backend, fwd, devices, dtypes, check=None):
     return register(Impl(op=OP, backend=backend, forward=fwd, devices=frozenset(devices),
                          dtypes=frozenset(dtypes), check=check))
 
 
 _F = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_HALF_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 _impl("torch", ref.lion_step, {"cpu", "cuda"}, _F)
+_impl("triton", _triton_step, {"cuda"}, _HALF_FLOAT, _half_float_check)
 _dispatch.set_priority(OP, ("cuda", "triton", "cpu", "torch"))
