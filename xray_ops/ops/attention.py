@@ -14,14 +14,12 @@ from typing import Optional
 
 import torch
 
-from .. import _dispatch, _ext, _validate
-from .._dispatch import Impl, register
+from .. import _dispatch, _validate
+from .._dispatch import FLOATS, GPU_FLOATS, HALF_FLOATS, TRITON, cuda_extension, requires
 from ..reference import attention as ref
 
 OP = "flash_attention"
 OP_VARLEN = "flash_attention_varlen"
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_GPU_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 # head dims the Triton kernels take: D as one or two power-of-two chunks of >= 16
 TRITON_HEAD_DIMS = (16, 256)
 # head dims of the CUDA forward (csrc/flash_attn)
@@ -255,7 +253,8 @@ def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         return_cls: bool, return_lse: bool,
                         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # return_lse only tells the backward whether lse's gradient is live
-    out, cls, lse = _dispatch.run(OP, backend, (q, k, v, key_bias, scale, causal, return_cls))
+    out, cls, lse = _dispatch.run(OP, backend, q=q, k=k, v=v, key_bias=key_bias, scale=scale,
+                                  causal=causal, want_cls=return_cls)
     return out, _fill_missing_cls(cls, q, k), lse
 
 
@@ -270,6 +269,13 @@ def _(q, k, v, key_bias, scale, causal, return_cls, return_lse, backend):
     return _fake_dense(q, k, return_cls)
 
 
+def _run_dense_backward(backend, dout, dcls, dlse, q, k, v, key_bias, out, lse, scale, causal,
+                        dq, dk, dv):
+    return _dispatch.run_backward(OP, backend, dout=dout, dcls=dcls, dlse=dlse, q=q, k=k, v=v,
+                                  key_bias=key_bias, out=out, lse=lse, scale=scale,
+                                  causal=causal, dq=dq, dk=dk, dv=dv)
+
+
 @torch.library.custom_op("xray_ops::flash_attention_backward", mutates_args=())
 def _flash_attention_backward_op(
         dout: torch.Tensor, dcls: Optional[torch.Tensor], dlse: Optional[torch.Tensor],
@@ -277,8 +283,8 @@ def _flash_attention_backward_op(
         out: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool,
         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv = _bnhd_empty(q, q.shape[2]), _bnhd_empty(k, k.shape[2]), _bnhd_empty(v, v.shape[2])
-    db = _dispatch.run(OP, backend, (dout, dcls, dlse, q, k, v, key_bias, out, lse, scale, causal,
-                                     dq, dk, dv), backward=True)
+    db = _run_dense_backward(backend, dout, dcls, dlse, q, k, v, key_bias, out, lse, scale, causal,
+                             dq, dk, dv)
     return dq, dk, dv, (db if db is not None else q.new_empty(0))
 
 
@@ -328,7 +334,8 @@ def _flash_attention_qkvpacked_op(qkv: torch.Tensor, key_bias: Optional[torch.Te
                                   scale: float, causal: bool, return_cls: bool, return_lse: bool,
                                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = _unpack(qkv)
-    out, cls, lse = _dispatch.run(OP, backend, (q, k, v, key_bias, scale, causal, return_cls))
+    out, cls, lse = _dispatch.run(OP, backend, q=q, k=k, v=v, key_bias=key_bias, scale=scale,
+                                  causal=causal, want_cls=return_cls)
     return out, _fill_missing_cls(cls, q, k), lse
 
 
@@ -347,8 +354,8 @@ def _flash_attention_qkvpacked_backward_op(
     # one (B, N, 3, H, D) gradient: the kernels write dq, dk, dv into its strided views
     dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
     dq, dk, dv = _unpack(dqkv)
-    db = _dispatch.run(OP, backend, (dout, dcls, dlse, q, k, v, key_bias, out, lse, scale, causal,
-                                     dq, dk, dv), backward=True)
+    db = _run_dense_backward(backend, dout, dcls, dlse, q, k, v, key_bias, out, lse, scale, causal,
+                             dq, dk, dv)
     return dqkv, (db if db is not None else qkv.new_empty(0))
 
 
@@ -388,9 +395,10 @@ def _flash_attention_varlen_op(
         cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
         key_bias: Optional[torch.Tensor], scale: float, causal: bool, return_cls: bool,
         return_lse: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, cls, lse = _dispatch.run(OP_VARLEN, backend, (
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias, scale, causal,
-        return_cls))
+    out, cls, lse = _dispatch.run(
+        OP_VARLEN, backend, q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, key_bias=key_bias, scale=scale,
+        causal=causal, want_cls=return_cls)
     return out, (cls if cls is not None else q.new_empty(0)), lse
 
 
@@ -411,9 +419,11 @@ def _flash_attention_varlen_backward_op(
         causal: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                              torch.Tensor]:
     dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-    db = _dispatch.run(OP_VARLEN, backend, (
-        dout, dcls, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        key_bias, out, lse, scale, causal, dq, dk, dv), backward=True)
+    db = _dispatch.run_backward(
+        OP_VARLEN, backend, dout=dout, dcls=dcls, dlse=dlse, q=q, k=k, v=v,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, key_bias=key_bias, out=out, lse=lse, scale=scale,
+        causal=causal, dq=dq, dk=dk, dv=dv)
     return dq, dk, dv, (db if db is not None else q.new_empty(0))
 
 
@@ -500,6 +510,7 @@ def _triton_backward(dout, dcls, dlse, q, k, v, key_bias, out, lse, scale, causa
 
 
 def _cuda_forward(q, k, v, key_bias, scale, causal, want_cls):
+    from .. import _ext
     from ..kernels import flash_attention as kf
 
     bias32 = key_bias.float() if key_bias is not None else None  # the extension reads fp32
@@ -535,45 +546,45 @@ def _triton_reasons(q, k, v, out_grads=()) -> list[str]:
     return reasons + _int32_offsets_reasons(q, k, v, *out_grads)
 
 
-def _triton_check(*args) -> list[str]:
-    if len(args) == 7:  # forward
-        return _triton_reasons(*args[:3])
-    return _triton_reasons(*args[3:6], out_grads=(args[0], *args[11:14]))
+def _triton_forward_check(i) -> list[str]:
+    return _triton_reasons(i.q, i.k, i.v)
 
 
-def _cuda_check(*args) -> list[str]:
+def _triton_backward_check(i) -> list[str]:
+    return _triton_reasons(i.q, i.k, i.v, out_grads=(i.dout, i.dq, i.dk, i.dv))
+
+
+def _cuda_forward_check(i) -> list[str]:
     reasons = []
-    mod = _ext.load()
-    if mod is not None and not hasattr(mod, "flash_attention_forward"):
-        reasons.append("the built extension has no flash_attention_forward "
-                       "(csrc/flash_attn not compiled in)")
-    q, k, v = args[:3] if len(args) == 7 else args[3:6]
-    D = q.shape[-1]
+    D = i.q.shape[-1]
     if D not in CUDA_HEAD_DIMS:
         reasons.append(f"head dim {D} not supported (supports {list(CUDA_HEAD_DIMS)})")
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    for name in ("q", "k", "v"):
+        t = getattr(i, name)
         if t.stride(-1) != 1:
             reasons.append(f"{name} needs stride(-1) == 1, got strides {tuple(t.stride())}")
-    # cls_attn and the backward are the Triton kernels
-    ok, why = _dispatch.backend_status("triton")
-    if not ok:
-        reasons.append(f"its cls_attn and backward run on Triton: {why}")
-    elif len(args) != 7:
-        reasons += _triton_check(*args)
     return reasons
 
 
-register(Impl(op=OP, backend="torch", forward=_torch_forward, backward=_torch_backward,
-              devices=frozenset({"cpu", "cuda"}), dtypes=frozenset(_FLOATS), key_arg=(0, 3)))
-register(Impl(op=OP, backend="triton", forward=_triton_forward, backward=_triton_backward,
-              devices=frozenset({"cuda"}), dtypes=frozenset(_GPU_FLOATS), check=_triton_check,
-              key_arg=(0, 3)))
-register(Impl(op=OP, backend="cuda", forward=_cuda_forward, backward=_triton_backward,
-              devices=frozenset({"cuda"}), dtypes=frozenset({torch.float16, torch.bfloat16}),
-              min_compute_capability=(8, 0), check=_cuda_check, key_arg=(0, 3)))
+_DENSE_FORWARD = ("q", "k", "v", "key_bias", "scale", "causal", "want_cls")
+_DENSE_BACKWARD = ("dout", "dcls", "dlse", "q", "k", "v", "key_bias", "out", "lse", "scale",
+                   "causal", "dq", "dk", "dv")
 # Triton first: the primary path (forward and backward); the CUDA forward joins "auto" after it
 # until measurements on the GPU say otherwise.
-_dispatch.set_priority(OP, ("triton", "cuda", "torch"))
+_dispatch.declare(OP, forward=_DENSE_FORWARD, backward=_DENSE_BACKWARD, key="q",
+                  priority=("triton", "cuda", "torch"))
+_dispatch.register(OP, "torch", forward=_torch_forward, backward=_torch_backward, dtypes=FLOATS)
+_dispatch.register(OP, "triton", forward=_triton_forward, backward=_triton_backward,
+                   dtypes=GPU_FLOATS, forward_check=_triton_forward_check,
+                   backward_check=_triton_backward_check)
+# The CUDA forward computes out and lse; its CLS row and the whole backward are the Triton
+# kernels, so it needs both runtimes, and last_backend says what ran.
+_dispatch.register(OP, "cuda", forward=_cuda_forward, backward=_triton_backward,
+                   dtypes=HALF_FLOATS, min_compute_capability=(8, 0),
+                   runtime=requires(cuda_extension("flash_attention_forward"), TRITON),
+                   forward_check=_cuda_forward_check, backward_check=_triton_backward_check,
+                   forward_reports=lambda i: "cuda+triton" if i.want_cls else "cuda",
+                   backward_reports="triton")
 
 
 # varlen backends ------------------------------------------------------------------------------
@@ -615,16 +626,14 @@ def _triton_backward_varlen(dout, dcls, dlse, q, k, v, cu_q, cu_k, max_q, max_k,
                                        max_seqlen_q=max_q, max_seqlen_k=max_k)
 
 
-def _triton_check_varlen(*args) -> list[str]:
-    if len(args) == 11:  # forward
-        return _triton_reasons(*args[:3])
-    return _triton_reasons(*args[3:6], out_grads=(args[0], *args[15:18]))
-
-
-register(Impl(op=OP_VARLEN, backend="torch", forward=_torch_forward_varlen,
-              backward=_torch_backward_varlen, devices=frozenset({"cpu", "cuda"}),
-              dtypes=frozenset(_FLOATS), key_arg=(0, 3)))
-register(Impl(op=OP_VARLEN, backend="triton", forward=_triton_forward_varlen,
-              backward=_triton_backward_varlen, devices=frozenset({"cuda"}),
-              dtypes=frozenset(_GPU_FLOATS), check=_triton_check_varlen, key_arg=(0, 3)))
-_dispatch.set_priority(OP_VARLEN, ("triton", "torch"))
+_dispatch.declare(OP_VARLEN, key="q", priority=("triton", "torch"),
+                  forward=("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
+                           "max_seqlen_k", "key_bias", "scale", "causal", "want_cls"),
+                  backward=("dout", "dcls", "dlse", "q", "k", "v", "cu_seqlens_q",
+                            "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "key_bias", "out",
+                            "lse", "scale", "causal", "dq", "dk", "dv"))
+_dispatch.register(OP_VARLEN, "torch", forward=_torch_forward_varlen,
+                   backward=_torch_backward_varlen, dtypes=FLOATS)
+_dispatch.register(OP_VARLEN, "triton", forward=_triton_forward_varlen,
+                   backward=_triton_backward_varlen, dtypes=GPU_FLOATS,
+                   forward_check=_triton_forward_check, backward_check=_triton_backward_check)
