@@ -292,8 +292,11 @@ def layer_norm_forward(x, weight, bias, eps, residual, residual_scale):
     return y, s, mean, rstd
 
 
-def layer_norm_backward(grad_y, grad_s, s, x, weight, bias, residual_scale, mean, rstd):
-    """Gradients of :func:`layer_norm_forward` (the canonical backward of the op)."""
+def layer_norm_backward(grad_y, grad_s, x, branch, weight, bias, residual_scale, mean, rstd):
+    """Gradients of :func:`layer_norm_forward`: x is the LayerNorm's input (s, or the forward's
+    x without a residual), branch the forward's x (given with residual_scale). See
+    xray_ops.ops.layer_norm_backends for the inputs and outputs."""
+    s = x
     M, C = s.shape
     has_g = residual_scale is not None
     ds = torch.empty(M, C, device=s.device, dtype=s.dtype)
@@ -306,7 +309,7 @@ def layer_norm_backward(grad_y, grad_s, s, x, weight, bias, residual_scale, mean
     dg = torch.zeros(n_rp, C, **f32) if has_g else None
     if M:
         gs = grad_s if grad_s is not None else grad_y
-        xx = x if has_g else s
+        xx = branch if has_g else s
         args = (grad_y, gs, s, xx, _or(residual_scale, s), _or(weight, s), mean, rstd, ds,
                 dx if has_g else ds, _or(dw, ds), _or(db, ds), _or(dg, ds), M, C,
                 grad_y.stride(0), grad_y.stride(1), gs.stride(0), gs.stride(1), s.stride(0),

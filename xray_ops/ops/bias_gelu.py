@@ -3,9 +3,9 @@
 Public: :func:`bias_gelu`. The definition (and the one GELU the int8 GEMM epilogue shares):
 :mod:`xray_ops.reference.bias_gelu`.
 
-Canonical (dispatched) arguments, 2-D:
-  forward   (x (M, C), bias (C,) | None, approximate) -> y (M, C)
-  backward  (grad_y (M, C), x (M, C), bias | None, approximate) -> (grad_x, grad_bias or empty)
+Dispatched inputs, 2-D:
+  forward   x (M, C), bias (C,) | None, approximate  ->  y (M, C)
+  backward  grad_y (M, C), x (M, C), bias | None, approximate  ->  (grad_x, grad_bias or empty)
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import _dispatch
-from .._dispatch import Impl, register
+from .._dispatch import FLOATS, GPU_FLOATS, lazy
 from ..reference import bias_gelu as ref
 from ._train_common import channel_param, features, rows
 
@@ -54,7 +54,8 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str = "no
 @torch.library.custom_op("xray_ops::bias_gelu", mutates_args=())
 def _bias_gelu_op(x: torch.Tensor, bias: torch.Tensor | None, approximate: str,
                   backend: str) -> torch.Tensor:
-    return _dispatch.run(OP, backend, (rows(x), bias, approximate)).reshape(x.shape)
+    return _dispatch.run(OP, backend, x=rows(x), bias=bias,
+                         approximate=approximate).reshape(x.shape)
 
 
 @_bias_gelu_op.register_fake
@@ -66,8 +67,8 @@ def _(x, bias, approximate, backend):
 def _bias_gelu_backward_op(grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
                            approximate: str,
                            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    gx, gb = _dispatch.run(OP, backend, (rows(grad_y), rows(x), bias, approximate),
-                           backward=True)
+    gx, gb = _dispatch.run_backward(OP, backend, grad_y=rows(grad_y), x=rows(x), bias=bias,
+                                    approximate=approximate)
     return gx.reshape(x.shape), gb
 
 
@@ -95,25 +96,11 @@ _bias_gelu_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------
 # backends
 # ----------------------------------------------------------------------------------------------
-def _triton_forward(x, bias, approximate):
-    from ..kernels import bias_gelu as k
-
-    return k.bias_gelu_forward(x, bias, approximate)
-
-
-def _triton_backward(grad_y, x, bias, approximate):
-    from ..kernels import bias_gelu as k
-
-    return k.bias_gelu_backward(grad_y, x, bias, approximate)
-
-
-def _impl(backend, fwd, bwd, devices, dtypes, check=None):
-    return register(Impl(op=OP, backend=backend, forward=fwd, backward=bwd,
-                         devices=frozenset(devices), dtypes=frozenset(dtypes), check=check))
-
-
-_F = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_HALF_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
-_impl("torch", ref.bias_gelu_forward, ref.bias_gelu_backward, {"cpu", "cuda"}, _F)
-_impl("triton", _triton_forward, _triton_backward, {"cuda"}, _HALF_FLOAT)
-_dispatch.set_priority(OP, ("cuda", "triton", "cpu", "torch"))
+_dispatch.declare(OP, forward=("x", "bias", "approximate"),
+                  backward=("grad_y", "x", "bias", "approximate"), key="x",
+                  priority=("cuda", "triton", "cpu", "torch"))
+_dispatch.register(OP, "torch", forward=ref.bias_gelu_forward, backward=ref.bias_gelu_backward,
+                   dtypes=FLOATS)
+_KERNEL = "xray_ops.kernels.bias_gelu"
+_dispatch.register(OP, "triton", forward=lazy(_KERNEL, "bias_gelu_forward"),
+                   backward=lazy(_KERNEL, "bias_gelu_backward"), dtypes=GPU_FLOATS)

@@ -2,10 +2,13 @@
 
 Public: :func:`contrastive_loss`. The definition: :mod:`xray_ops.reference.contrastive`.
 
-A backend implements only the O(B²·C) part, never storing the (B, B_all) logits:
-  forward   (img (B, C), txt (B, C), img_all (B_all, C) | None, txt_all | None, scale ())
+A backend implements only the O(B²·C) part (the dispatched inputs; the kernels never store the
+(B, B_all) logits):
+  forward   image_emb (B, C), text_emb (B, C), all_image_emb (B_all, C) | None,
+            all_text_emb | None, logit_scale (one element)
             -> (lse_i, lse_t, ed_i, ed_t), each (B,) in the compute dtype
-  backward  (coef (), img, txt, img_all | None, txt_all | None, scale, lse_i, lse_t)
+  backward  coef (0-dim: d loss / 2B), image_emb, text_emb, all_image_emb | None,
+            all_text_emb | None, logit_scale, lse_image, lse_text
             -> (dI, dT, dI_all or empty, dT_all or empty), the dense gradient terms, compute dtype
 The O(B·C) rest — positive logits, loss, label terms of the gradients, d logit_scale — is the
 code below, the same for every backend.
@@ -18,7 +21,7 @@ import numbers
 import torch
 
 from .. import _dispatch, _validate
-from .._dispatch import Impl, register
+from .._dispatch import FLOATS, GPU_FLOATS, lazy
 from ..reference import contrastive as ref
 from ..reference.bias_gelu import compute_dtype
 
@@ -145,8 +148,9 @@ def _contrastive_op(img: torch.Tensor, txt: torch.Tensor, img_all: torch.Tensor 
                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                            torch.Tensor]:
     ct = compute_dtype(img.dtype)
-    lse_i, lse_t, ed_i, ed_t = _dispatch.run(OP, backend, (img, txt, img_all, txt_all,
-                                                           logit_scale))
+    lse_i, lse_t, ed_i, ed_t = _dispatch.run(
+        OP, backend, image_emb=img, text_emb=txt, all_image_emb=img_all, all_text_emb=txt_all,
+        logit_scale=logit_scale)
     pos_i, pos_t = _positive_dots(img, txt, img_all, txt_all, labels, ct)
     sc = logit_scale.to(ct).reshape(())
     loss = ((lse_i - sc * pos_i).mean() + (lse_t - sc * pos_t).mean()) / 2
@@ -174,9 +178,9 @@ def _contrastive_backward_op(
     B = img.shape[0]
     g = grad_loss.to(ct).reshape(())
     coef = g / (2 * B)
-    d_i, d_t, d_ia, d_ta = _dispatch.run(
-        OP, backend, (coef, img, txt, img_all, txt_all, logit_scale, lse_i, lse_t),
-        backward=True)
+    d_i, d_t, d_ia, d_ta = _dispatch.run_backward(
+        OP, backend, coef=coef, image_emb=img, text_emb=txt, all_image_emb=img_all,
+        all_text_emb=txt_all, logit_scale=logit_scale, lse_image=lse_i, lse_text=lse_t)
     # the label terms: - coef · scale · (positive column) for each row, and the same into each
     # positive column (a scatter: labels may repeat)
     k = coef * logit_scale.to(ct).reshape(())
@@ -257,17 +261,14 @@ def _triton_grads(coef, img, txt, img_all, txt_all, scale, lse_i, lse_t):
             k.row_grads(txt_all, img, scale, None, lse_i) * kk)
 
 
-def _impl(backend, fwd, bwd, devices, dtypes, check=None):
-    # forward key: img (arg 0); backward key: img (arg 1, after coef)
-    return register(Impl(op=OP, backend=backend, forward=fwd, backward=bwd,
-                         devices=frozenset(devices), dtypes=frozenset(dtypes), check=check,
-                         key_arg=(0, 1)))
-
-
-_F = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_HALF_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
-_impl("torch", ref.contrastive_stats, ref.contrastive_grads, {"cpu", "cuda"}, _F)
+_dispatch.declare(OP, forward=("image_emb", "text_emb", "all_image_emb", "all_text_emb",
+                               "logit_scale"),
+                  backward=("coef", "image_emb", "text_emb", "all_image_emb", "all_text_emb",
+                            "logit_scale", "lse_image", "lse_text"),
+                  key="image_emb", priority=("triton", "cpu", "torch"))
+_dispatch.register(OP, "torch", forward=ref.contrastive_stats, backward=ref.contrastive_grads,
+                   dtypes=FLOATS)
 # The GPU kernel is Triton (tl.dot lowers to wgmma / mma on sm_90 / sm_80); there is no CUDA C++
 # one: see the README.
-_impl("triton", _triton_stats, _triton_grads, {"cuda"}, _HALF_FLOAT)
-_dispatch.set_priority(OP, ("triton", "cpu", "torch"))
+_dispatch.register(OP, "triton", forward=_triton_stats, backward=_triton_grads,
+                   dtypes=GPU_FLOATS)

@@ -77,7 +77,8 @@ def _layer_norm_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
                    residual_scale: torch.Tensor | None,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     r = None if residual is None else rows(residual)
-    y, s, mean, rstd = _dispatch.run(OP, backend, (rows(x), weight, bias, eps, r, residual_scale))
+    y, s, mean, rstd = _dispatch.run(OP, backend, x=rows(x), weight=weight, bias=bias, eps=eps,
+                                     residual=r, residual_scale=residual_scale)
     lead = x.shape[:-1]
     return (y.reshape(x.shape), s.reshape(x.shape) if residual is not None else s,
             mean.reshape(lead), rstd.reshape(lead))
@@ -102,9 +103,9 @@ def _layer_norm_backward_op(
                                torch.Tensor]:
     gs = None if grad_s is None else rows(grad_s)
     xr = None if x is None else rows(x)
-    ds, dx, dw, db, dg = _dispatch.run(
-        OP, backend, (rows(grad_y), gs, rows(s), xr, weight, bias, residual_scale,
-                      mean.reshape(-1), rstd.reshape(-1)), backward=True)
+    ds, dx, dw, db, dg = _dispatch.run_backward(
+        OP, backend, grad_y=rows(grad_y), grad_s=gs, x=rows(s), branch=xr, weight=weight,
+        bias=bias, residual_scale=residual_scale, mean=mean.reshape(-1), rstd=rstd.reshape(-1))
     return ds.reshape(s.shape), (dx.reshape(s.shape) if dx.numel() else dx), dw, db, dg
 
 

@@ -1,54 +1,40 @@
-"""Backend table of ``layer_norm``: one :class:`Impl` per backend, with its limits.
+"""Backend table of ``layer_norm``: one implementation per backend, with its limits.
 
-Canonical (dispatched) arguments, 2-D (the op bodies flatten leading dims):
-  forward   (x (M, C), weight | None, bias | None, eps, residual (M, C) | None,
-             residual_scale | None) -> (y, s or empty, mean (M,), rstd (M,))
-  backward  (grad_y (M, C), grad_s (M, C) | None, s (M, C), x (M, C) | None, weight | None,
-             bias | None, residual_scale | None, mean, rstd) -> (ds, dx or empty, dw, db, dg)
+Dispatched inputs, 2-D (the op bodies flatten leading dims):
+  forward   x (M, C), weight | None, bias | None, eps, residual (M, C) | None,
+            residual_scale | None  ->  (y, s or empty, mean (M,), rstd (M,))
+  backward  grad_y (M, C), grad_s (M, C) | None, x: the LayerNorm's input (s, or x itself
+            without a residual) (M, C), branch: the forward's x when residual_scale is given
+            (d residual_scale needs it), else None, weight | None, bias | None,
+            residual_scale | None, mean, rstd  ->  (ds, dx or empty, dw, db, dg)
 """
 
 from __future__ import annotations
 
-import torch
-
 from .. import _dispatch
-from .._dispatch import Impl, register
+from .._dispatch import FLOATS, GPU_FLOATS, lazy
 from ..reference import layer_norm as ref
 
 OP = "layer_norm"
-_F = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _triton_forward(x, weight, bias, eps, residual, residual_scale):
-    from ..kernels import layer_norm as k
-
-    return k.layer_norm_forward(x, weight, bias, eps, residual, residual_scale)
-
-
-def _triton_backward(grad_y, grad_s, s, x, weight, bias, residual_scale, mean, rstd):
-    from ..kernels import layer_norm as k
-
-    return k.layer_norm_backward(grad_y, grad_s, s, x, weight, bias, residual_scale, mean, rstd)
+# the Triton kernels hold a whole row in registers (kernels/layer_norm.py MAX_C)
+TRITON_MAX_C = 8192
 
 
 def _row_limit(limit: int, kernel: str):
-    def check(*args):
-        # forward: x (M, C) is argument 0; backward: grad_y (M, C) is argument 0 as well
-        C = args[0].shape[-1]
+    def check(inputs) -> list[str]:
+        C = inputs.x.shape[-1]
         return [f"C={C} exceeds the {kernel} kernel's row limit {limit}"] if C > limit else []
     return check
 
 
-def _impl(backend, fwd, bwd, devices, dtypes, check=None):
-    return register(Impl(op=OP, backend=backend, forward=fwd, backward=bwd,
-                         devices=frozenset(devices), dtypes=frozenset(dtypes), check=check))
-
-
-_HALF_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
-# the Triton kernels hold a whole row in registers (kernels/layer_norm.py MAX_C)
-TRITON_MAX_C = 16384
-
-_impl("torch", ref.layer_norm_forward, ref.layer_norm_backward, {"cpu", "cuda"}, _F)
-_impl("triton", _triton_forward, _triton_backward, {"cuda"}, _HALF_FLOAT,
-      _row_limit(TRITON_MAX_C, "Triton"))
-_dispatch.set_priority(OP, ("cuda", "triton", "cpu", "torch"))
+_dispatch.declare(OP, forward=("x", "weight", "bias", "eps", "residual", "residual_scale"),
+                  backward=("grad_y", "grad_s", "x", "branch", "weight", "bias",
+                            "residual_scale", "mean", "rstd"),
+                  key="x", priority=("cuda", "triton", "cpu", "torch"))
+_dispatch.register(OP, "torch", forward=ref.layer_norm_forward, backward=ref.layer_norm_backward,
+                   dtypes=FLOATS)
+_KERNEL = "xray_ops.kernels.layer_norm"
+_triton_limit = _row_limit(TRITON_MAX_C, "Triton")
+_dispatch.register(OP, "triton", forward=lazy(_KERNEL, "layer_norm_forward"),
+                   backward=lazy(_KERNEL, "layer_norm_backward"), dtypes=GPU_FLOATS,
+                   forward_check=_triton_limit, backward_check=_triton_limit)

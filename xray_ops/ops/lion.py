@@ -6,9 +6,9 @@ launch each: the multi-tensor kernels take a table of pointers and sizes) and di
 bucket; parameters that are not contiguous take the reference update (the kernels walk flat
 memory).
 
-Canonical (dispatched) arguments of ``lion``: (params, grads, exp_avgs, lr, beta1, beta2,
-weight_decay), the lists being :class:`TensorList` (whose ``device`` / ``dtype`` are those of
-the params, what the dispatcher reads). The definition: :mod:`xray_ops.reference.lion`.
+Dispatched inputs of ``lion`` (no backward): params, grads, exp_avgs, lr, beta1, beta2,
+weight_decay; the lists are :class:`TensorList` (whose ``device`` / ``dtype`` are those of the
+params: the dispatcher's key). The definition: :mod:`xray_ops.reference.lion`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from .. import _dispatch
-from .._dispatch import Impl, register
+from .._dispatch import FLOATS, GPU_FLOATS, lazy
+from .._dtypes import name as dtype_name
 from ..reference import lion as ref
 
 OP = "lion"
@@ -32,6 +33,9 @@ class TensorList(list):
     @property
     def dtype(self) -> torch.dtype:
         return self[0].dtype
+
+    def __repr__(self) -> str:  # for BackendError's description of the inputs
+        return f"TensorList({len(self)} tensors, {dtype_name(self.dtype)}, {self.device})"
 
 
 def _buckets(params, grads, exp_avgs):
@@ -60,7 +64,8 @@ def _lion_op(params: list[torch.Tensor], grads: list[torch.Tensor],
         flat_g.append(g.contiguous())  # a gradient is almost always contiguous already
         flat_m.append(m)
     for ps, gs, ms in _buckets(flat_p, flat_g, flat_m):
-        _dispatch.run(OP, backend, (ps, gs, ms, lr, beta1, beta2, weight_decay))
+        _dispatch.run(OP, backend, params=ps, grads=gs, exp_avgs=ms, lr=lr, beta1=beta1,
+                      beta2=beta2, weight_decay=weight_decay)
 
 
 @_lion_op.register_fake
@@ -83,28 +88,21 @@ def lion_step(params, grads, exp_avgs, lr: float, beta1: float, beta2: float,
 # ----------------------------------------------------------------------------------------------
 # backends
 # ----------------------------------------------------------------------------------------------
-def _triton_step(params, grads, exp_avgs, lr, beta1, beta2, weight_decay):
-    from ..kernels import lion as k
-
-    k.lion_step(params, grads, exp_avgs, lr, beta1, beta2, weight_decay)
-
-
-def _half_float_check(params, grads, exp_avgs, *rest):
-    reasons = []
-    for name, ts in (("grads", grads), ("exp_avgs", exp_avgs)):
-        if ts.dtype not in _HALF_FLOAT:
-            reasons.append(f"{name} dtype {str(ts.dtype).replace('torch.', '')} not supported "
-                           f"(float16, bfloat16, float32)")
-    return reasons
+def _state_dtypes(allowed):
+    def check(inputs) -> list[str]:
+        reasons = []
+        for name in ("grads", "exp_avgs"):
+            dt = getattr(inputs, name).dtype
+            if dt not in allowed:
+                reasons.append(f"{name} dtype {dtype_name(dt)} not supported "
+                               f"({', '.join(map(dtype_name, allowed))})")
+        return reasons
+    return check
 
 
-def _impl(backend, fwd, devices, dtypes, check=None):
-    return register(Impl(op=OP, backend=backend, forward=fwd, devices=frozenset(devices),
-                         dtypes=frozenset(dtypes), check=check))
-
-
-_F = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_HALF_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
-_impl("torch", ref.lion_step, {"cpu", "cuda"}, _F)
-_impl("triton", _triton_step, {"cuda"}, _HALF_FLOAT, _half_float_check)
-_dispatch.set_priority(OP, ("cuda", "triton", "cpu", "torch"))
+_dispatch.declare(OP, forward=("params", "grads", "exp_avgs", "lr", "beta1", "beta2",
+                               "weight_decay"),
+                  key="params", priority=("cuda", "triton", "cpu", "torch"))
+_dispatch.register(OP, "torch", forward=ref.lion_step, dtypes=FLOATS)
+_dispatch.register(OP, "triton", forward=lazy("xray_ops.kernels.lion", "lion_step"),
+                   dtypes=GPU_FLOATS, forward_check=_state_dtypes(GPU_FLOATS))
