@@ -12,7 +12,7 @@ from xray_ops.testing import assert_close_to_reference
 
 from .matrix import device_backend_dtypes, device_backends
 
-CPU_BACKENDS = ("torch", "triton")
+CPU_BACKENDS = ("torch", "cpu", "triton")
 GPU_BACKENDS = ("torch", "triton")
 CASES = device_backend_dtypes(cpu=CPU_BACKENDS, gpu=GPU_BACKENDS)
 # (B, C): one pair, one channel, odd primes, B not a multiple of any tile, C = 8192

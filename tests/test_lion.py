@@ -13,7 +13,7 @@ from xray_ops.testing import assert_close_to_reference
 
 from .matrix import device_backends
 
-CPU_BACKENDS = ("torch", "triton")
+CPU_BACKENDS = ("torch", "cpu", "triton")
 GPU_BACKENDS = ("torch", "triton")
 # a scalar, one element, odd sizes, a matrix not a multiple of any block, a 3-D tensor
 SHAPES = [(), (1,), (7,), (3, 5), (2, 3, 4), (67, 33), (1031,)]
@@ -213,3 +213,25 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.xray_ops.lion_.default,
                               ([p.clone() for p in ps], gs, [m.clone() for m in ms], 1e-3, 0.9,
                                0.99, 0.1, backend))
+
+
+def test_auto_picks_and_forced_backend_reasons():
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = xo.optim.Lion([p], **HP)
+    p.grad = torch.randn(5)
+    opt.step()
+    assert xo.last_backend("lion") == "cpu"  # numba on the CPU
+    q = torch.nn.Parameter(torch.randn(5))
+    opt = xo.optim.Lion([q], **HP, state_dtype=torch.bfloat16)
+    q.grad = torch.randn(5)
+    opt.step()
+    assert xo.last_backend("lion") == "torch"  # bf16 state: the reference
+    with pytest.raises(xo.BackendError, match="forced backend 'cpu'.*exp_avgs dtype bfloat16 "
+                                              "differs from the params' float32"):
+        with xo.backend("cpu"):
+            opt.step()
+    # the error describes the tensor lists briefly
+    with pytest.raises(xo.BackendError, match=r"(?s)lion: .*'cuda'.*params +TensorList\(1 "
+                                              r"tensors, float32, cpu\)"):
+        with xo.backend("cuda"):
+            opt.step()

@@ -104,3 +104,6 @@ _dispatch.register(OP, "torch", forward=ref.bias_gelu_forward, backward=ref.bias
 _KERNEL = "xray_ops.kernels.bias_gelu"
 _dispatch.register(OP, "triton", forward=lazy(_KERNEL, "bias_gelu_forward"),
                    backward=lazy(_KERNEL, "bias_gelu_backward"), dtypes=GPU_FLOATS)
+_CPU = "xray_ops.cpu.bias_gelu"
+_dispatch.register(OP, "cpu", forward=lazy(_CPU, "bias_gelu_forward"),
+                   backward=lazy(_CPU, "bias_gelu_backward"), dtypes=(torch.float32,))

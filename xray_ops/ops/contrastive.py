@@ -21,7 +21,7 @@ import numbers
 import torch
 
 from .. import _dispatch, _validate
-from .._dispatch import FLOATS, GPU_FLOATS, lazy
+from .._dispatch import FLOATS, GPU_FLOATS, TORCH, lazy
 from ..reference import contrastive as ref
 from ..reference.bias_gelu import compute_dtype
 
@@ -272,3 +272,7 @@ _dispatch.register(OP, "torch", forward=ref.contrastive_stats, backward=ref.cont
 # one: see the README.
 _dispatch.register(OP, "triton", forward=_triton_stats, backward=_triton_grads,
                    dtypes=GPU_FLOATS)
+# PyTorch's own GEMMs on tiles of the logits (an online log-sum-exp): O(tile · B) memory
+_CPU = "xray_ops.cpu.contrastive"
+_dispatch.register(OP, "cpu", forward=lazy(_CPU, "contrastive_stats"),
+                   backward=lazy(_CPU, "contrastive_grads"), dtypes=FLOATS, runtime=TORCH)

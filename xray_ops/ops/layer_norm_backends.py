@@ -11,6 +11,8 @@ Dispatched inputs, 2-D (the op bodies flatten leading dims):
 
 from __future__ import annotations
 
+import torch
+
 from .. import _dispatch
 from .._dispatch import FLOATS, GPU_FLOATS, lazy
 from ..reference import layer_norm as ref
@@ -38,3 +40,6 @@ _triton_limit = _row_limit(TRITON_MAX_C, "Triton")
 _dispatch.register(OP, "triton", forward=lazy(_KERNEL, "layer_norm_forward"),
                    backward=lazy(_KERNEL, "layer_norm_backward"), dtypes=GPU_FLOATS,
                    forward_check=_triton_limit, backward_check=_triton_limit)
+_CPU = "xray_ops.cpu.layer_norm"
+_dispatch.register(OP, "cpu", forward=lazy(_CPU, "layer_norm_forward"),
+                   backward=lazy(_CPU, "layer_norm_backward"), dtypes=(torch.float32,))

@@ -88,12 +88,15 @@ def lion_step(params, grads, exp_avgs, lr: float, beta1: float, beta2: float,
 # ----------------------------------------------------------------------------------------------
 # backends
 # ----------------------------------------------------------------------------------------------
-def _state_dtypes(allowed):
+def _state_dtypes(allowed, same_as_params=False):
     def check(inputs) -> list[str]:
         reasons = []
         for name in ("grads", "exp_avgs"):
             dt = getattr(inputs, name).dtype
-            if dt not in allowed:
+            if same_as_params and dt != inputs.params.dtype:
+                reasons.append(f"{name} dtype {dtype_name(dt)} differs from the params' "
+                               f"{dtype_name(inputs.params.dtype)}")
+            elif dt not in allowed:
                 reasons.append(f"{name} dtype {dtype_name(dt)} not supported "
                                f"({', '.join(map(dtype_name, allowed))})")
         return reasons
@@ -106,3 +109,6 @@ _dispatch.declare(OP, forward=("params", "grads", "exp_avgs", "lr", "beta1", "be
 _dispatch.register(OP, "torch", forward=ref.lion_step, dtypes=FLOATS)
 _dispatch.register(OP, "triton", forward=lazy("xray_ops.kernels.lion", "lion_step"),
                    dtypes=GPU_FLOATS, forward_check=_state_dtypes(GPU_FLOATS))
+_CPU_FLOATS = (torch.float32, torch.float64)
+_dispatch.register(OP, "cpu", forward=lazy("xray_ops.cpu.lion", "lion_step"), dtypes=_CPU_FLOATS,
+                   forward_check=_state_dtypes(_CPU_FLOATS, same_as_params=True))
