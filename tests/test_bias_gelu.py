@@ -12,7 +12,7 @@ from xray_ops.testing import assert_close_to_reference
 from .matrix import device_backend_dtypes, device_backends
 
 CPU_BACKENDS = ("torch", "cpu", "triton")
-GPU_BACKENDS = ("torch", "triton")
+GPU_BACKENDS = ("torch", "triton", "cuda")
 CASES = device_backend_dtypes(cpu=CPU_BACKENDS, gpu=GPU_BACKENDS, skip={("cpu", torch.float16)})
 SHAPES = [(1, 1), (2, 3, 7), (5, 33), (3, 13, 97), (2, 8192)]
 
@@ -156,3 +156,25 @@ def test_auto_picks_numba_for_float32_then_torch():
     assert xo.last_backend("bias_gelu") == "cpu" and xo.last_backend("bias_gelu.backward") == "cpu"
     xo.bias_gelu(x.detach().double(), b.double())
     assert xo.last_backend("bias_gelu") == "torch"
+
+
+# ----------------------------------------------------------------------------------------------
+# the int8 GEMM epilogue computes the same GELU (both forms)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device,backend", device_backends(cpu=CPU_BACKENDS, gpu=GPU_BACKENDS))
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_int8_epilogue_shares_the_gelu(device, backend, activation):
+    """int8_matmul(..., activation) == bias_gelu of the same dequantized GEMM + bias."""
+    M, N, K = 7, 24, 32
+    a_q = torch.randint(-127, 128, (M, K), dtype=torch.int8, device=device)
+    b_q = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=device)
+    a_s = torch.rand(M, 1, device=device) * 0.01
+    b_s = torch.rand(N, device=device) * 0.01
+    bias = torch.randn(N, device=device)
+    with torch.no_grad(), xo.backend(backend):
+        got = xo.int8_matmul(a_q, b_q, a_s, b_s, bias, torch.float32, activation)
+    pre = (a_q.double() @ b_q.double().T) * a_s.double() * b_s.double()
+    want = ref.bias_gelu(pre, bias.double(), "tanh" if activation == "gelu_tanh" else "none")
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="activation: expected None, 'gelu' or 'gelu_tanh'"):
+        xo.int8_matmul(a_q, b_q, a_s, b_s, bias, torch.float32, "tanh")

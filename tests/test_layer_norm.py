@@ -11,7 +11,7 @@ from xray_ops.testing import assert_close_to_reference
 from .matrix import device_backend_dtypes, device_backends
 
 CPU_BACKENDS = ("torch", "cpu", "triton")
-GPU_BACKENDS = ("torch", "triton")
+GPU_BACKENDS = ("torch", "triton", "cuda")
 CASES = device_backend_dtypes(cpu=CPU_BACKENDS, gpu=GPU_BACKENDS, skip={("cpu", torch.float16)})
 # leading shape + C: one channel, odd primes, a ViT row count, C not a multiple of any block,
 # and a wide row (8192)

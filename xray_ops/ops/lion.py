@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .. import _dispatch
-from .._dispatch import FLOATS, GPU_FLOATS, lazy
+from .._dispatch import FLOATS, GPU_FLOATS, cuda_extension, lazy
 from .._dtypes import name as dtype_name
 from ..reference import lion as ref
 
@@ -109,6 +109,20 @@ _dispatch.declare(OP, forward=("params", "grads", "exp_avgs", "lr", "beta1", "be
 _dispatch.register(OP, "torch", forward=ref.lion_step, dtypes=FLOATS)
 _dispatch.register(OP, "triton", forward=lazy("xray_ops.kernels.lion", "lion_step"),
                    dtypes=GPU_FLOATS, forward_check=_state_dtypes(GPU_FLOATS))
+# CUDA: float32 / bfloat16 parameters with float32 or bfloat16 state (csrc/lion/lion.cu)
+_FP32_BF16 = (torch.float32, torch.bfloat16)
+
+
+def _cuda_check(inputs) -> list[str]:
+    reasons = _state_dtypes(_FP32_BF16)(inputs)
+    if inputs.grads.dtype != inputs.params.dtype:
+        reasons.append(f"grads dtype {dtype_name(inputs.grads.dtype)} differs from the params' "
+                       f"{dtype_name(inputs.params.dtype)}")
+    return reasons
+
+
+_dispatch.register(OP, "cuda", forward=lazy("xray_ops._C", "lion_step"), dtypes=_FP32_BF16,
+                   runtime=cuda_extension("lion_step"), forward_check=_cuda_check)
 _CPU_FLOATS = (torch.float32, torch.float64)
 _dispatch.register(OP, "cpu", forward=lazy("xray_ops.cpu.lion", "lion_step"), dtypes=_CPU_FLOATS,
                    forward_check=_state_dtypes(_CPU_FLOATS, same_as_params=True))
