@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .gelu import gelu, gelu_grad
+from ._launch import sm_count
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -120,8 +121,7 @@ def _row_programs(M: int, bm: int, n_col_blocks: int, device) -> int:
     blocks = triton.cdiv(M, bm)
     if INTERPRETING:
         return min(blocks, 3)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(blocks, triton.cdiv(4 * sms, n_col_blocks)))
+    return max(1, min(blocks, triton.cdiv(4 * sm_count(device), n_col_blocks)))
 
 
 def bias_gelu_backward(grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import sm_count
+
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -196,8 +198,7 @@ def _splits(NR: int, NC: int, bm: int, bn: int, device) -> tuple[int, int]:
     if INTERPRETING:
         want = 2  # exercise the merge in the tests
     else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        want = triton.cdiv(2 * sms, n_row_blocks)
+        want = triton.cdiv(2 * sm_count(device), n_row_blocks)
     want = max(1, min(want, MAX_SPLITS, n_col_blocks))
     per = triton.cdiv(n_col_blocks, want) * bn
     return triton.cdiv(NC, per), per
@@ -241,3 +242,28 @@ def row_grads(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor,
         PRECISION=input_precision(rows.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=warps, num_stages=stages)
     return dr[0] if n_splits == 1 else dr.sum(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the op's dispatched forward and backward (xray_ops.ops.contrastive) on the two launchers
+# ----------------------------------------------------------------------------------------------
+def contrastive_stats(img, txt, img_all, txt_all, scale):
+    """(lse_i, lse_t, ed_i, ed_t): the image direction's rows against the text columns (all of
+    them in the local form), then the text direction's."""
+    cols_t, cols_i = (txt, img) if img_all is None else (txt_all, img_all)
+    lse_i, ed_i = row_stats(img, cols_t, scale)
+    lse_t, ed_t = row_stats(txt, cols_i, scale)
+    return lse_i, lse_t, ed_i, ed_t
+
+
+def contrastive_grads(coef, img, txt, img_all, txt_all, scale, lse_i, lse_t):
+    """The dense gradient terms (dI, dT, dI_all or empty, dT_all or empty), float32."""
+    k = (coef * scale.to(coef.dtype)).reshape(())
+    if img_all is None:  # both softmaxes of the one matrix reach both embeddings
+        return (row_grads(img, txt, scale, lse_i, lse_t) * k,
+                row_grads(txt, img, scale, lse_t, lse_i) * k, img.new_empty(0),
+                img.new_empty(0))
+    return (row_grads(img, txt_all, scale, lse_i, None) * k,
+            row_grads(txt, img_all, scale, lse_t, None) * k,
+            row_grads(img_all, txt, scale, None, lse_t) * k,
+            row_grads(txt_all, img, scale, None, lse_i) * k)

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import sm_count
+
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # a whole row stays in registers: C up to this many channels (16 warps, 16 floats a thread
 # per row tensor)
@@ -210,8 +212,9 @@ def _layer_norm_bwd_wide_kernel(
     pid_r = tl.program_id(0)
     n_row_progs = tl.num_programs(0)
     ks = tl.arange(0, BLOCK_C)
-    for m in range(pid_r, M, n_row_progs):
-        row = m + tl.zeros([1], dtype=tl.int64)  # int64 offsets (an int under the interpreter)
+    row = pid_r.to(tl.int64) - n_row_progs  # int64 offsets for large tensors
+    for _ in range(pid_r, M, n_row_progs):
+        row += n_row_progs
         mean = tl.load(MEAN_ptr + row)
         rstd = tl.load(RSTD_ptr + row)
         c1 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -318,7 +321,9 @@ def layer_norm_backward(grad_y, grad_s, x, branch, weight, bias, residual_scale,
         flags = dict(HAS_GS=grad_s is not None, HAS_SCALE=has_g, HAS_W=weight is not None,
                      HAS_B=bias is not None)
         if bc > BWD_MAX_C:
-            _layer_norm_bwd_wide_kernel[(n_rp,)](*args, **flags, BLOCK_C=WIDE_CHUNK, num_warps=8)
+            # one stage: pipelining the chunk loops only adds live registers (8 B spill at sm_90)
+            _layer_norm_bwd_wide_kernel[(n_rp,)](*args, **flags, BLOCK_C=WIDE_CHUNK, num_warps=8,
+                                                 num_stages=1)
         else:
             _layer_norm_bwd_kernel[(n_rp,)](*args, **flags, BLOCK_M=bm, BLOCK_C=bc,
                                             num_warps=_warps(bc))
@@ -333,8 +338,8 @@ def _row_programs(M: int, bm: int, device) -> int:
     blocks = max(1, triton.cdiv(M, bm))
     if INTERPRETING:
         return min(blocks, 3)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return min(blocks, 4 * sms)
+    return min(blocks, 4 * sm_count(device))
+
 
 
 def _or(t, fallback):

@@ -24,6 +24,10 @@ constexpr int kMaxThreads = 256;
 // row tiles per thread and spills past 16 elements a thread at sm_90, so its rows stop at 4096
 constexpr int kMaxRow = 8192;
 constexpr int kBwdMaxRow = 4096;
+// min blocks 1: the whole register file is the budget. The rows are meant to stay in registers;
+// left to itself ptxas 13 trades registers for occupancy and spills (tests/test_cuda_resources.py
+// checks the built binary).
+constexpr int kMinBlocks = 1;
 
 // Block-wide sums of two values; every thread gets both. Up to kMaxThreads threads.
 __device__ __forceinline__ float2 block_sum2(float a, float b, float2* smem) {
@@ -69,7 +73,7 @@ __device__ __forceinline__ void store_row(T* row, int C, const float (&v)[NP][VE
 }
 
 template <typename T, int VEC, int NP, bool kResidual, bool kGamma>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     layer_norm_fwd_kernel(const T* __restrict__ x, int64_t stride_x,  // (M, C)
                           const T* __restrict__ residual, int64_t stride_r,  // (M, C) or null
                           const float* __restrict__ gamma,  // (C,) or null
@@ -136,7 +140,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 template <typename T, int VEC, int NP, bool kGradS, bool kGamma>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     layer_norm_bwd_kernel(const T* __restrict__ gy, int64_t stride_gy,  // (M, C)
                           const T* __restrict__ gs, int64_t stride_gs,  // (M, C) or null
                           const T* __restrict__ s, int64_t stride_s,    // LayerNorm input (M, C)

@@ -238,29 +238,6 @@ _contrastive_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------
 # backends
 # ----------------------------------------------------------------------------------------------
-def _triton_stats(img, txt, img_all, txt_all, scale):
-    from ..kernels import contrastive_loss as k
-
-    cols_t, cols_i = _columns(img, txt, img_all, txt_all)
-    lse_i, ed_i = k.row_stats(img, cols_t, scale)
-    lse_t, ed_t = k.row_stats(txt, cols_i, scale)
-    return lse_i, lse_t, ed_i, ed_t
-
-
-def _triton_grads(coef, img, txt, img_all, txt_all, scale, lse_i, lse_t):
-    from ..kernels import contrastive_loss as k
-
-    kk = (coef * scale.to(coef.dtype)).reshape(())
-    if img_all is None:  # both softmaxes of the one matrix reach both embeddings
-        return (k.row_grads(img, txt, scale, lse_i, lse_t) * kk,
-                k.row_grads(txt, img, scale, lse_t, lse_i) * kk, img.new_empty(0),
-                img.new_empty(0))
-    return (k.row_grads(img, txt_all, scale, lse_i, None) * kk,
-            k.row_grads(txt, img_all, scale, lse_t, None) * kk,
-            k.row_grads(img_all, txt, scale, None, lse_t) * kk,
-            k.row_grads(txt_all, img, scale, None, lse_i) * kk)
-
-
 _dispatch.declare(OP, forward=("image_emb", "text_emb", "all_image_emb", "all_text_emb",
                                "logit_scale"),
                   backward=("coef", "image_emb", "text_emb", "all_image_emb", "all_text_emb",
@@ -270,8 +247,9 @@ _dispatch.register(OP, "torch", forward=ref.contrastive_stats, backward=ref.cont
                    dtypes=FLOATS)
 # The GPU kernel is Triton (tl.dot lowers to wgmma / mma on sm_90 / sm_80); there is no CUDA C++
 # one: see the README.
-_dispatch.register(OP, "triton", forward=_triton_stats, backward=_triton_grads,
-                   dtypes=GPU_FLOATS)
+_TRITON = "xray_ops.kernels.contrastive_loss"
+_dispatch.register(OP, "triton", forward=lazy(_TRITON, "contrastive_stats"),
+                   backward=lazy(_TRITON, "contrastive_grads"), dtypes=GPU_FLOATS)
 # PyTorch's own GEMMs on tiles of the logits (an online log-sum-exp): O(tile · B) memory
 _CPU = "xray_ops.cpu.contrastive"
 _dispatch.register(OP, "cpu", forward=lazy(_CPU, "contrastive_stats"),
