@@ -123,8 +123,10 @@ def time_ms(fn: Callable[[], object], device: str, quick: bool, grad_to_none=Non
     import torch.utils.benchmark as tb
 
     fn()  # warm-up (JIT compiles, caches)
-    m = tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(
-        min_run_time=0.2 if quick else 1.0)
+    # every side on the same threads: Timer's default is one thread for torch, while the numba
+    # kernels size their pool by torch.get_num_threads()
+    m = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+                 ).blocked_autorange(min_run_time=0.2 if quick else 1.0)
     return m.median * 1e3
 
 

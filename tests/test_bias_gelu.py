@@ -11,9 +11,9 @@ from xray_ops.testing import assert_close_to_reference
 
 from .matrix import device_backend_dtypes, device_backends
 
-CPU_BACKENDS = ("torch",)
-GPU_BACKENDS = ("torch",)
-CASES = device_backend_dtypes(cpu=CPU_BACKENDS, gpu=GPU_BACKENDS)
+CPU_BACKENDS = ("torch", "cpu", "triton")
+GPU_BACKENDS = ("torch", "triton", "cuda")
+CASES = device_backend_dtypes(cpu=CPU_BACKENDS, gpu=GPU_BACKENDS, skip={("cpu", torch.float16)})
 SHAPES = [(1, 1), (2, 3, 7), (5, 33), (3, 13, 97), (2, 8192)]
 
 
@@ -80,7 +80,8 @@ def test_non_contiguous_inputs_and_expanded_grad(device, backend, dtype, layout)
 @pytest.mark.parametrize("device,backend", device_backends(cpu=CPU_BACKENDS, gpu=GPU_BACKENDS))
 def test_without_bias_and_fp32_bias(device, backend):
     _check(device, backend, torch.float32, (4, 21), "none", has_bias=False)
-    _check(device, backend, torch.float16, (4, 21), "tanh", bias_dtype=torch.float32)
+    if backend != "cpu":  # the numba kernels take float32
+        _check(device, backend, torch.float16, (4, 21), "tanh", bias_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
@@ -96,8 +97,9 @@ def test_definition_is_torch_gelu(approximate):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_gradcheck_float64(backend):
-    if backend == "triton":
-        pytest.skip("the Triton kernels take float16 / bfloat16 / float32")
+    if backend != "torch":
+        pytest.skip("the Triton kernels take float16 / bfloat16 / float32, the numba ones "
+                    "float32: gradcheck needs float64")
     x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     b = torch.randn(5, dtype=torch.float64, requires_grad=True)
     with xo.backend(backend):
@@ -146,3 +148,33 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(got, want)
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b)
+
+
+def test_auto_picks_numba_for_float32_then_torch():
+    x, b = torch.randn(3, 8, requires_grad=True), torch.randn(8)
+    xo.bias_gelu(x, b).sum().backward()
+    assert xo.last_backend("bias_gelu") == "cpu" and xo.last_backend("bias_gelu.backward") == "cpu"
+    xo.bias_gelu(x.detach().double(), b.double())
+    assert xo.last_backend("bias_gelu") == "torch"
+
+
+# ----------------------------------------------------------------------------------------------
+# the int8 GEMM epilogue computes the same GELU (both forms)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device,backend", device_backends(cpu=CPU_BACKENDS, gpu=GPU_BACKENDS))
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_int8_epilogue_shares_the_gelu(device, backend, activation):
+    """int8_matmul(..., activation) == bias_gelu of the same dequantized GEMM + bias."""
+    M, N, K = 7, 24, 32
+    a_q = torch.randint(-127, 128, (M, K), dtype=torch.int8, device=device)
+    b_q = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=device)
+    a_s = torch.rand(M, 1, device=device) * 0.01
+    b_s = torch.rand(N, device=device) * 0.01
+    bias = torch.randn(N, device=device)
+    with torch.no_grad(), xo.backend(backend):
+        got = xo.int8_matmul(a_q, b_q, a_s, b_s, bias, torch.float32, activation)
+    pre = (a_q.double() @ b_q.double().T) * a_s.double() * b_s.double()
+    want = ref.bias_gelu(pre, bias.double(), "tanh" if activation == "gelu_tanh" else "none")
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="activation: expected None, 'gelu' or 'gelu_tanh'"):
+        xo.int8_matmul(a_q, b_q, a_s, b_s, bias, torch.float32, "tanh")

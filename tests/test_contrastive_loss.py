@@ -12,8 +12,8 @@ from xray_ops.testing import assert_close_to_reference
 
 from .matrix import device_backend_dtypes, device_backends
 
-CPU_BACKENDS = ("torch",)
-GPU_BACKENDS = ("torch",)
+CPU_BACKENDS = ("torch", "cpu", "triton")
+GPU_BACKENDS = ("torch", "triton")
 CASES = device_backend_dtypes(cpu=CPU_BACKENDS, gpu=GPU_BACKENDS)
 # (B, C): one pair, one channel, odd primes, B not a multiple of any tile, C = 8192
 SHAPES = [(1, 1), (2, 3), (7, 1), (13, 33), (37, 64), (3, 8192)]

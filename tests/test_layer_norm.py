@@ -10,9 +10,9 @@ from xray_ops.testing import assert_close_to_reference
 
 from .matrix import device_backend_dtypes, device_backends
 
-CPU_BACKENDS = ("torch",)
-GPU_BACKENDS = ("torch",)
-CASES = device_backend_dtypes(cpu=CPU_BACKENDS, gpu=GPU_BACKENDS)
+CPU_BACKENDS = ("torch", "cpu", "triton")
+GPU_BACKENDS = ("torch", "triton", "cuda")
+CASES = device_backend_dtypes(cpu=CPU_BACKENDS, gpu=GPU_BACKENDS, skip={("cpu", torch.float16)})
 # leading shape + C: one channel, odd primes, a ViT row count, C not a multiple of any block,
 # and a wide row (8192)
 SHAPES = [(1, 1), (2, 3, 7), (3, 5, 33), (2, 13, 97), (1, 3, 8192)]
@@ -123,7 +123,8 @@ def test_non_contiguous_inputs_and_expanded_grads(device, backend, dtype, layout
     _check(device, backend, dtype, (5, 19), "plain", layout=layout, grad_layout="expanded")
 
 
-@pytest.mark.parametrize("device,backend", device_backends(cpu=CPU_BACKENDS, gpu=GPU_BACKENDS))
+@pytest.mark.parametrize("device,backend", device_backends(cpu=("torch", "triton"),
+                                                           gpu=GPU_BACKENDS))
 def test_fp32_parameters_with_half_activations(device, backend):
     _check(device, backend, torch.float16, (3, 7, 40), "layerscale", param_dtype=torch.float32)
 
@@ -143,8 +144,9 @@ def test_only_y_or_only_s_used(device, backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_gradcheck_float64(backend):
-    if backend == "triton":
-        pytest.skip("the Triton kernels take float16 / bfloat16 / float32")
+    if backend != "torch":
+        pytest.skip("the Triton kernels take float16 / bfloat16 / float32, the numba ones "
+                    "float32: gradcheck needs float64")
     leaves = _inputs((3, 6), torch.float64, "cpu", "layerscale")
 
     def f(x, r, g, w, b):
@@ -239,3 +241,16 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(got, want)
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b)
+
+
+def test_auto_picks_numba_for_float32_then_torch():
+    x, w = torch.randn(3, 8, requires_grad=True), torch.rand(8)
+    y, _ = xo.layer_norm(x, w, None)
+    y.sum().backward()
+    assert xo.last_backend("layer_norm") == "cpu" and xo.last_backend("layer_norm.backward") == "cpu"
+    xo.layer_norm(x.detach().half(), w, None)
+    assert xo.last_backend("layer_norm") == "torch"
+    with pytest.raises(xo.BackendError, match="forced backend 'triton'.*C=9000 exceeds the "
+                                              "Triton kernel's row limit 8192"):
+        with xo.backend("triton"):
+            xo.layer_norm(torch.randn(2, 9000), None, None)

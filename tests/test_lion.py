@@ -13,8 +13,8 @@ from xray_ops.testing import assert_close_to_reference
 
 from .matrix import device_backends
 
-CPU_BACKENDS = ("torch",)
-GPU_BACKENDS = ("torch",)
+CPU_BACKENDS = ("torch", "cpu", "triton")
+GPU_BACKENDS = ("torch", "triton", "cuda")
 # a scalar, one element, odd sizes, a matrix not a multiple of any block, a 3-D tensor
 SHAPES = [(), (1,), (7,), (3, 5), (2, 3, 4), (67, 33), (1031,)]
 STEPS = 5
@@ -56,7 +56,13 @@ def _run_steps(backend, device, dtype, state_dtype):
                          ids=lambda v: str(v).replace("torch.", ""))
 def test_steps_match_reference_and_lion_pytorch(device, backend, dtype, state_dtype):
     if backend == "cpu" and (dtype != torch.float32 or state_dtype not in (None, torch.float32)):
-        pytest.skip("the numba backend takes float32 / float64 tensors (tested in test_dispatch)")
+        pytest.skip("the numba backend takes float32 / float64 tensors (its reasons are tested "
+                    "in test_forced_backend_reasons)")
+    if backend == "cuda" and dtype == torch.float16:
+        pytest.skip("the CUDA kernel takes float32 / bfloat16 parameters (fp16: Triton)")
+    if backend == "triton" and device == "cpu" and torch.bfloat16 in (dtype, state_dtype):
+        pytest.skip("the Triton interpreter truncates float32 -> bfloat16 (no round to nearest "
+                    "even); bfloat16 runs in the gpu-marked cases")
     params, states = _run_steps(backend, device, dtype, state_dtype)
     assert xo.last_backend("lion") == backend
     sd = state_dtype or dtype
@@ -209,3 +215,44 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.xray_ops.lion_.default,
                               ([p.clone() for p in ps], gs, [m.clone() for m in ms], 1e-3, 0.9,
                                0.99, 0.1, backend))
+
+
+def test_auto_picks_and_forced_backend_reasons():
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = xo.optim.Lion([p], **HP)
+    p.grad = torch.randn(5)
+    opt.step()
+    assert xo.last_backend("lion") == "cpu"  # numba on the CPU
+    q = torch.nn.Parameter(torch.randn(5))
+    opt = xo.optim.Lion([q], **HP, state_dtype=torch.bfloat16)
+    q.grad = torch.randn(5)
+    opt.step()
+    assert xo.last_backend("lion") == "torch"  # bf16 state: the reference
+    with pytest.raises(xo.BackendError, match="forced backend 'cpu'.*exp_avgs dtype bfloat16 "
+                                              "differs from the params' float32"):
+        with xo.backend("cpu"):
+            opt.step()
+    # the error describes the tensor lists briefly
+    with pytest.raises(xo.BackendError, match=r"(?s)lion: .*'cuda'.*params +TensorList\(1 "
+                                              r"tensors, float32, cpu\)"):
+        with xo.backend("cuda"):
+            opt.step()
+
+
+def test_lion_op_under_torch_compile_fullgraph():
+    from xray_ops.ops.lion import lion_step
+
+    def step(ps, gs, ms):
+        lion_step(ps, gs, ms, 0.01, 0.9, 0.99, 0.1)
+        return sum(p.sum() for p in ps)
+
+    ps = [torch.randn(5), torch.randn(3, 4)]
+    gs = [torch.randn(5), torch.randn(3, 4)]
+    ms = [torch.randn(5), torch.randn(3, 4)]
+    want_p, want_m = [p.clone() for p in ps], [m.clone() for m in ms]
+    for p, g, m in zip(want_p, gs, want_m):
+        ref.lion_update_(p, g, m, 0.01, 0.9, 0.99, 0.1)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled(ps, gs, ms)
+    for a, b in zip(ps + ms, want_p + want_m):
+        torch.testing.assert_close(a, b)

@@ -16,8 +16,9 @@ OpenMP layer spins beside torch's own OpenMP pool (measured here: 6x slower quan
 after a torch op on 2 cores), and its workqueue layer aborts the process when two Python threads
 enter it at once; a ThreadPoolExecutor has neither problem.
 
-GELU uses a rational approximation of erf in float32 (Eigen's; max abs error 4.5e-7 over the
-reals, against 3e-8 for torch's float32 erf) because libm's erf does not vectorize.
+GELU is the one of bias_gelu (:mod:`xray_ops.cpu.gelu`): a rational approximation of erf in
+float32 (Eigen's; max abs error 4.5e-7 over the reals, against 3e-8 for torch's float32 erf)
+because libm's erf does not vectorize, or the tanh form on a vectorizable exp.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import threading
 import numba
 import numpy as np
 import torch
+
+from .gelu import gelu as _gelu
 
 _QMAX = np.float32(127.0)
 # rows below this much work (elements) per thread run on the calling thread alone
@@ -113,29 +116,8 @@ def _layernorm_quant_rows(x, w, b, has_w, has_b, eps, q, s, r0, r1):
             q[i, j] = _quantize_value(y[j], scale)
 
 
-@numba.njit(inline="always")
-def _erf(a):
-    # Eigen's generic_fast_erf_float: x·P(x²)/Q(x²) on [-4, 4] (erf(±4) rounds to ±1 in float32)
-    x = np.float32(4.0) if a > np.float32(4.0) else a
-    x = np.float32(-4.0) if x < np.float32(-4.0) else x
-    x2 = x * x
-    p = np.float32(-2.72614225801306e-10)
-    p = p * x2 + np.float32(2.77068142495902e-08)
-    p = p * x2 + np.float32(-2.10102402082508e-06)
-    p = p * x2 + np.float32(-5.69250639462346e-05)
-    p = p * x2 + np.float32(-7.34990630326855e-04)
-    p = p * x2 + np.float32(-2.95459980854025e-03)
-    p = p * x2 + np.float32(-1.60960333262415e-02)
-    qq = np.float32(-1.45660718464996e-05)
-    qq = qq * x2 + np.float32(-2.13374055278905e-04)
-    qq = qq * x2 + np.float32(-1.68282697438203e-03)
-    qq = qq * x2 + np.float32(-7.37332916720468e-03)
-    qq = qq * x2 + np.float32(-1.42647390514189e-02)
-    return x * p / qq
-
-
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _epilogue_rows(acc, out, a_s, b_s, bias, has_bias, gelu, r0, r1):
+def _epilogue_rows(acc, out, a_s, b_s, bias, has_bias, gelu, tanh, r0, r1):
     # acc (M, N) int32 and out (M, N) float32 may be the same memory: element (i, j) is read
     # before it is written, by the same thread. One branch-free loop per step: they vectorize.
     N = acc.shape[1]
@@ -147,11 +129,12 @@ def _epilogue_rows(acc, out, a_s, b_s, bias, has_bias, gelu, r0, r1):
         else:
             for j in range(N):
                 out[i, j] = np.float32(acc[i, j]) * sa * b_s[j]
-        if gelu:
+        if gelu and tanh:  # the GELU of bias_gelu (xray_ops/cpu/gelu.py)
             for j in range(N):
-                v = out[i, j]
-                out[i, j] = np.float32(0.5) * v * (np.float32(1.0)
-                                                   + _erf(v * np.float32(0.70710678118654752)))
+                out[i, j] = _gelu(out[i, j], True)
+        elif gelu:
+            for j in range(N):
+                out[i, j] = _gelu(out[i, j], False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,25 +203,25 @@ def layernorm_quant(x, weight, bias, eps):
     return q, s
 
 
-def _gemm_epilogue(acc: torch.Tensor, a_scale, b_scale, bias, out_dtype, gelu):
+def _gemm_epilogue(acc: torch.Tensor, a_scale, b_scale, bias, out_dtype, gelu, tanh):
     M, N = acc.shape
     out = acc.view(torch.float32)  # written in place over the int32 accumulator
     if M and N:
         b_s = _f32(b_scale)
         _run_rows(_epilogue_rows, M, N * (8 if gelu else 1), acc.numpy(), out.numpy(),
                   _f32(a_scale), b_s, _f32(bias) if bias is not None else b_s,
-                  bias is not None, gelu)
+                  bias is not None, gelu, tanh)
     return out if out_dtype == torch.float32 else out.to(out_dtype)
 
 
-def int8_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype, gelu):
+def int8_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype, gelu, tanh=False):
     """(M, K) int8, (N, K) int8, (M, 1), (N,), (N,) | None -> (M, N) out_dtype."""
     acc = torch._int_mm(a_q, b_q.t()).contiguous()  # exact int32, (M, N)
-    return _gemm_epilogue(acc, a_scale, b_scale, bias, out_dtype, gelu)
+    return _gemm_epilogue(acc, a_scale, b_scale, bias, out_dtype, gelu, tanh)
 
 
-def int8_linear(x, w_q, w_scale, bias, gelu):
+def int8_linear(x, w_q, w_scale, bias, gelu, tanh=False):
     """x (M, K) float32 -> (M, N) float32: numba quantization, _int_mm, numba epilogue."""
     x_q, x_scale = quantize_per_token(x)
     acc = torch._int_mm(x_q, w_q.t()).contiguous()
-    return _gemm_epilogue(acc, x_scale, w_scale, bias, x.dtype, gelu)
+    return _gemm_epilogue(acc, x_scale, w_scale, bias, x.dtype, gelu, tanh)

@@ -3,17 +3,17 @@
 Public: :func:`bias_gelu`. The definition (and the one GELU the int8 GEMM epilogue shares):
 :mod:`xray_ops.reference.bias_gelu`.
 
-Canonical (dispatched) arguments, 2-D:
-  forward   (x (M, C), bias (C,) | None, approximate) -> y (M, C)
-  backward  (grad_y (M, C), x (M, C), bias | None, approximate) -> (grad_x, grad_bias or empty)
+Dispatched inputs, 2-D:
+  forward   x (M, C), bias (C,) | None, approximate  ->  y (M, C)
+  backward  grad_y (M, C), x (M, C), bias | None, approximate  ->  (grad_x, grad_bias or empty)
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import _dispatch
-from .._dispatch import FLOATS, declare, register
+from .. import _dispatch, _ext
+from .._dispatch import FLOATS, GPU_FLOATS, cuda_extension, lazy
 from ..reference import bias_gelu as ref
 from ._train_common import channel_param, features, rows
 
@@ -96,8 +96,34 @@ _bias_gelu_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------
 # backends
 # ----------------------------------------------------------------------------------------------
-declare(OP, forward=("x", "bias", "approximate"),
-        backward=("grad_y", "x", "bias", "approximate"),
-        key="x", priority=("cuda", "triton", "cpu", "torch"))
-register(OP, "torch", forward=ref.bias_gelu_forward, backward=ref.bias_gelu_backward,
-         dtypes=FLOATS)
+_dispatch.declare(OP, forward=("x", "bias", "approximate"),
+                  backward=("grad_y", "x", "bias", "approximate"), key="x",
+                  priority=("cuda", "triton", "cpu", "torch"))
+_dispatch.register(OP, "torch", forward=ref.bias_gelu_forward, backward=ref.bias_gelu_backward,
+                   dtypes=FLOATS)
+_KERNEL = "xray_ops.kernels.bias_gelu"
+_dispatch.register(OP, "triton", forward=lazy(_KERNEL, "bias_gelu_forward"),
+                   backward=lazy(_KERNEL, "bias_gelu_backward"), dtypes=GPU_FLOATS)
+
+
+def _unit(t):
+    # the CUDA kernels take rows with unit stride along C and a float32 bias
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _cuda_forward(x, bias, approximate):
+    b = None if bias is None else bias.to(torch.float32).contiguous()
+    return _ext.get().bias_gelu_forward(_unit(x), b, approximate == "tanh")
+
+
+def _cuda_backward(grad_y, x, bias, approximate):
+    b = None if bias is None else bias.to(torch.float32).contiguous()
+    gx, gb = _ext.get().bias_gelu_backward(_unit(grad_y), _unit(x), b, approximate == "tanh")
+    return gx, (gb.to(bias.dtype) if bias is not None else gb)
+
+
+_dispatch.register(OP, "cuda", forward=_cuda_forward, backward=_cuda_backward, dtypes=GPU_FLOATS,
+                   runtime=cuda_extension("bias_gelu_forward"))
+_CPU = "xray_ops.cpu.bias_gelu"
+_dispatch.register(OP, "cpu", forward=lazy(_CPU, "bias_gelu_forward"),
+                   backward=lazy(_CPU, "bias_gelu_backward"), dtypes=(torch.float32,))

@@ -2,10 +2,13 @@
 
 Public: :func:`contrastive_loss`. The definition: :mod:`xray_ops.reference.contrastive`.
 
-A backend implements only the O(B²·C) part, never storing the (B, B_all) logits:
-  forward   (img (B, C), txt (B, C), img_all (B_all, C) | None, txt_all | None, scale ())
+A backend implements only the O(B²·C) part (the dispatched inputs; the kernels never store the
+(B, B_all) logits):
+  forward   image_emb (B, C), text_emb (B, C), all_image_emb (B_all, C) | None,
+            all_text_emb | None, logit_scale (one element)
             -> (lse_i, lse_t, ed_i, ed_t), each (B,) in the compute dtype
-  backward  (coef (), img, txt, img_all | None, txt_all | None, scale, lse_i, lse_t)
+  backward  coef (0-dim: d loss / 2B), image_emb, text_emb, all_image_emb | None,
+            all_text_emb | None, logit_scale, lse_image, lse_text
             -> (dI, dT, dI_all or empty, dT_all or empty), the dense gradient terms, compute dtype
 The O(B·C) rest — positive logits, loss, label terms of the gradients, d logit_scale — is the
 code below, the same for every backend.
@@ -18,7 +21,7 @@ import numbers
 import torch
 
 from .. import _dispatch, _validate
-from .._dispatch import FLOATS, declare, register
+from .._dispatch import FLOATS, GPU_FLOATS, TORCH, lazy
 from ..reference import contrastive as ref
 from ..reference.bias_gelu import compute_dtype
 
@@ -145,8 +148,9 @@ def _contrastive_op(img: torch.Tensor, txt: torch.Tensor, img_all: torch.Tensor 
                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                            torch.Tensor]:
     ct = compute_dtype(img.dtype)
-    lse_i, lse_t, ed_i, ed_t = _dispatch.run(OP, backend, img=img, txt=txt, img_all=img_all,
-                                             txt_all=txt_all, scale=logit_scale)
+    lse_i, lse_t, ed_i, ed_t = _dispatch.run(
+        OP, backend, image_emb=img, text_emb=txt, all_image_emb=img_all, all_text_emb=txt_all,
+        logit_scale=logit_scale)
     pos_i, pos_t = _positive_dots(img, txt, img_all, txt_all, labels, ct)
     sc = logit_scale.to(ct).reshape(())
     loss = ((lse_i - sc * pos_i).mean() + (lse_t - sc * pos_t).mean()) / 2
@@ -175,8 +179,8 @@ def _contrastive_backward_op(
     g = grad_loss.to(ct).reshape(())
     coef = g / (2 * B)
     d_i, d_t, d_ia, d_ta = _dispatch.run_backward(
-        OP, backend, coef=coef, img=img, txt=txt, img_all=img_all, txt_all=txt_all,
-        scale=logit_scale, lse_i=lse_i, lse_t=lse_t)
+        OP, backend, coef=coef, image_emb=img, text_emb=txt, all_image_emb=img_all,
+        all_text_emb=txt_all, logit_scale=logit_scale, lse_image=lse_i, lse_text=lse_t)
     # the label terms: - coef · scale · (positive column) for each row, and the same into each
     # positive column (a scatter: labels may repeat)
     k = coef * logit_scale.to(ct).reshape(())
@@ -234,8 +238,19 @@ _contrastive_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------
 # backends
 # ----------------------------------------------------------------------------------------------
-declare(OP, forward=("img", "txt", "img_all", "txt_all", "scale"),
-        backward=("coef", "img", "txt", "img_all", "txt_all", "scale", "lse_i", "lse_t"),
-        key="img", priority=("triton", "cpu", "torch"))
-register(OP, "torch", forward=ref.contrastive_stats, backward=ref.contrastive_grads,
-         dtypes=FLOATS)
+_dispatch.declare(OP, forward=("image_emb", "text_emb", "all_image_emb", "all_text_emb",
+                               "logit_scale"),
+                  backward=("coef", "image_emb", "text_emb", "all_image_emb", "all_text_emb",
+                            "logit_scale", "lse_image", "lse_text"),
+                  key="image_emb", priority=("triton", "cpu", "torch"))
+_dispatch.register(OP, "torch", forward=ref.contrastive_stats, backward=ref.contrastive_grads,
+                   dtypes=FLOATS)
+# The GPU kernel is Triton (tl.dot lowers to wgmma / mma on sm_90 / sm_80); there is no CUDA C++
+# one: see the README.
+_TRITON = "xray_ops.kernels.contrastive_loss"
+_dispatch.register(OP, "triton", forward=lazy(_TRITON, "contrastive_stats"),
+                   backward=lazy(_TRITON, "contrastive_grads"), dtypes=GPU_FLOATS)
+# PyTorch's own GEMMs on tiles of the logits (an online log-sum-exp): O(tile · B) memory
+_CPU = "xray_ops.cpu.contrastive"
+_dispatch.register(OP, "cpu", forward=lazy(_CPU, "contrastive_stats"),
+                   backward=lazy(_CPU, "contrastive_grads"), dtypes=FLOATS, runtime=TORCH)

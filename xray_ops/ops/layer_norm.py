@@ -105,8 +105,7 @@ def _layer_norm_backward_op(
     xr = None if x is None else rows(x)
     ds, dx, dw, db, dg = _dispatch.run_backward(
         OP, backend, grad_y=rows(grad_y), grad_s=gs, x=rows(s), branch=xr, weight=weight,
-        bias=bias, residual_scale=residual_scale, mean=mean.reshape(-1),
-        rstd=rstd.reshape(-1))
+        bias=bias, residual_scale=residual_scale, mean=mean.reshape(-1), rstd=rstd.reshape(-1))
     return ds.reshape(s.shape), (dx.reshape(s.shape) if dx.numel() else dx), dw, db, dg
 
 

@@ -6,9 +6,9 @@ launch each: the multi-tensor kernels take a table of pointers and sizes) and di
 bucket; parameters that are not contiguous take the reference update (the kernels walk flat
 memory).
 
-Canonical (dispatched) arguments of ``lion``: (params, grads, exp_avgs, lr, beta1, beta2,
-weight_decay), the lists being :class:`TensorList` (whose ``device`` / ``dtype`` are those of
-the params, what the dispatcher reads). The definition: :mod:`xray_ops.reference.lion`.
+Dispatched inputs of ``lion`` (no backward): params, grads, exp_avgs, lr, beta1, beta2,
+weight_decay; the lists are :class:`TensorList` (whose ``device`` / ``dtype`` are those of the
+params: the dispatcher's key). The definition: :mod:`xray_ops.reference.lion`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from .. import _dispatch
-from .._dispatch import FLOATS, declare, register
+from .._dispatch import FLOATS, GPU_FLOATS, cuda_extension, lazy
+from .._dtypes import name as dtype_name
 from ..reference import lion as ref
 
 OP = "lion"
@@ -32,6 +33,9 @@ class TensorList(list):
     @property
     def dtype(self) -> torch.dtype:
         return self[0].dtype
+
+    def __repr__(self) -> str:  # for BackendError's description of the inputs
+        return f"TensorList({len(self)} tensors, {dtype_name(self.dtype)}, {self.device})"
 
 
 def _buckets(params, grads, exp_avgs):
@@ -84,7 +88,41 @@ def lion_step(params, grads, exp_avgs, lr: float, beta1: float, beta2: float,
 # ----------------------------------------------------------------------------------------------
 # backends
 # ----------------------------------------------------------------------------------------------
-# key "params": a TensorList, whose device / dtype are its tensors'
-declare(OP, forward=("params", "grads", "exp_avgs", "lr", "beta1", "beta2", "weight_decay"),
-        key="params", priority=("cuda", "triton", "cpu", "torch"))
-register(OP, "torch", forward=ref.lion_step, dtypes=FLOATS)
+def _state_dtypes(allowed, same_as_params=False):
+    def check(inputs) -> list[str]:
+        reasons = []
+        for name in ("grads", "exp_avgs"):
+            dt = getattr(inputs, name).dtype
+            if same_as_params and dt != inputs.params.dtype:
+                reasons.append(f"{name} dtype {dtype_name(dt)} differs from the params' "
+                               f"{dtype_name(inputs.params.dtype)}")
+            elif dt not in allowed:
+                reasons.append(f"{name} dtype {dtype_name(dt)} not supported "
+                               f"({', '.join(map(dtype_name, allowed))})")
+        return reasons
+    return check
+
+
+_dispatch.declare(OP, forward=("params", "grads", "exp_avgs", "lr", "beta1", "beta2",
+                               "weight_decay"),
+                  key="params", priority=("cuda", "triton", "cpu", "torch"))
+_dispatch.register(OP, "torch", forward=ref.lion_step, dtypes=FLOATS)
+_dispatch.register(OP, "triton", forward=lazy("xray_ops.kernels.lion", "lion_step"),
+                   dtypes=GPU_FLOATS, forward_check=_state_dtypes(GPU_FLOATS))
+# CUDA: float32 / bfloat16 parameters with float32 or bfloat16 state (csrc/lion/lion.cu)
+_FP32_BF16 = (torch.float32, torch.bfloat16)
+
+
+def _cuda_check(inputs) -> list[str]:
+    reasons = _state_dtypes(_FP32_BF16)(inputs)
+    if inputs.grads.dtype != inputs.params.dtype:
+        reasons.append(f"grads dtype {dtype_name(inputs.grads.dtype)} differs from the params' "
+                       f"{dtype_name(inputs.params.dtype)}")
+    return reasons
+
+
+_dispatch.register(OP, "cuda", forward=lazy("xray_ops._C", "lion_step"), dtypes=_FP32_BF16,
+                   runtime=cuda_extension("lion_step"), forward_check=_cuda_check)
+_CPU_FLOATS = (torch.float32, torch.float64)
+_dispatch.register(OP, "cpu", forward=lazy("xray_ops.cpu.lion", "lion_step"), dtypes=_CPU_FLOATS,
+                   forward_check=_state_dtypes(_CPU_FLOATS, same_as_params=True))

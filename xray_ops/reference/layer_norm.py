@@ -67,18 +67,19 @@ def layer_norm_forward(x, weight, bias, eps, residual, residual_scale):
     return y.to(x.dtype).contiguous(), s, mean, rstd
 
 
-def layer_norm_backward(grad_y, grad_s, s, x, weight, bias, residual_scale, mean, rstd):
+def layer_norm_backward(grad_y, grad_s, x, branch, weight, bias, residual_scale, mean, rstd):
     """Gradients of :func:`layer_norm_forward`.
 
-    grad_y (M, C); grad_s (M, C) or None (the gradient reaching the returned s); s (M, C) the
-    normalized input (x itself without a residual); x (M, C) the branch input, given only with
-    residual_scale (its gradient needs it); weight, bias, residual_scale (C,) or None (bias
-    only for its dtype); mean, rstd (M,) from the forward.
+    grad_y (M, C); grad_s (M, C) or None (the gradient reaching the returned s); x (M, C) the
+    LayerNorm's input (s, or x itself without a residual); branch (M, C) the forward's x,
+    given only with residual_scale (its gradient needs it); weight, bias, residual_scale (C,)
+    or None (bias only for its dtype); mean, rstd (M,) from the forward.
 
     Returns (fresh tensors, none aliasing another) (ds_total (M, C) in s.dtype, dx (M, C) = ds_total ⊙ residual_scale or empty,
     d_weight (C,) or empty, d_bias (C,) or empty, d_residual_scale (C,) or empty); parameter
     gradients in the parameter's dtype.
     """
+    s = x
     ct = compute_dtype(s.dtype)
     sf = s.to(ct)
     xhat = (sf - mean[:, None].to(ct)) * rstd[:, None].to(ct)
@@ -93,7 +94,7 @@ def layer_norm_backward(grad_y, grad_s, s, x, weight, bias, residual_scale, mean
     db = dy.sum(0).to(bias.dtype) if bias is not None else s.new_empty(0)
     if residual_scale is not None:
         dx = (ds * residual_scale.to(ct)).to(s.dtype).contiguous()
-        dg = (ds * x.to(ct)).sum(0).to(residual_scale.dtype)
+        dg = (ds * branch.to(ct)).sum(0).to(residual_scale.dtype)
     else:
         dx, dg = s.new_empty(0), s.new_empty(0)
     return ds.to(s.dtype).contiguous(), dx, dw, db, dg
