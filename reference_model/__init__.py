@@ -19,7 +19,7 @@ from .heads import MAEDecoder, patchify
 from .models import CLIPModel, HashtagModel, MAEModel, Normalize
 from .text import (AdapterTextTower, CLIPTextTransformer, FrozenTextEncoder,
                    caption_contrastive_finetune, create_text_tower)
-from .token_reduction import plan
+from .token_reduction import plan as _plan
 from .vit import Block, MaskedTokens, VisionTransformer
 
 
@@ -48,7 +48,7 @@ def create_vit(name: str, *, ops: str = "xray", num_classes: int = 0,
     if img_size is not None:
         overrides = {"img_size": img_size, **overrides}
     cfg = get_config(name, **overrides)
-    plan(cfg.depth, evit, tome)   # bad configs fail before any weight is built
+    _plan(cfg.depth, evit, tome)   # bad configs fail before any weight is built
     vit = VisionTransformer(cfg, ops=ops, num_classes=num_classes)
     if evit is not None or tome is not None:
         vit.set_token_reduction(evit, tome)
