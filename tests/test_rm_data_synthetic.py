@@ -110,9 +110,10 @@ def test_captions_describe_the_pixels():
 
 
 def test_clip_motion_is_in_the_pixels():
-    ds = SyntheticClips(60, 32, frames=6, seed=2, noise=0.0)
+    ds = SyntheticClips(80, 32, frames=6, seed=2, noise=0.0, colours=tuple(COLOURS),
+                        shapes=SHAPES)
     seen = set()
-    for i in range(60):
+    for i in range(80):
         it, sc = ds[i], ds.scene(i)
         m, colour = MOTIONS[it["label"]], sc["object"]["colour"]
         first = _colour_centroid(it["video"][:, 0], colour)
@@ -137,6 +138,31 @@ def test_clip_motion_is_in_the_pixels():
             assert not torch.equal(it["video"][:, 0], it["video"][:, -1])
         seen.add(m)
     assert seen == set(MOTIONS)
+
+
+def test_swapped_caption_and_clip_palette():
+    ds = SyntheticImages(40, 8, seed=0)
+    for i in range(40):
+        cap, sw = ds.meta(i)["caption"], ds.swapped_caption(i)
+        if ds.meta(i)["label"] >= 0:
+            assert sw is None
+            continue
+        rel = ds.scene(i)["relation"]
+        inv = {"left of": "right of", "right of": "left of", "above": "below",
+               "below": "above"}[rel]
+        assert sw == cap.replace(f" {rel} ", f" {inv} ") and sw != cap
+    clips = SyntheticClips(200, 8, frames=2, seed=0)
+    looks = {(clips.scene(i)["object"]["colour"], clips.scene(i)["object"]["shape"])
+             for i in range(200)}
+    assert looks == {(c, s) for c in ("red", "green", "blue") for s in ("square", "triangle")}
+    assert "a red square {}" in clips.prompts
+    wide = SyntheticClips(300, 8, frames=2, seed=0, colours=tuple(COLOURS), shapes=SHAPES)
+    shapes_seen = {wide.scene(i)["object"]["shape"] for i in range(300)}
+    assert shapes_seen == set(SHAPES)
+    still = SyntheticClips(100, 8, frames=2, seed=0, shapes=("circle",))  # nothing to rotate
+    assert "rotating" not in {MOTIONS[still.meta(i)["label"]] for i in range(100)}
+    with pytest.raises(ValueError, match="subsets"):
+        SyntheticClips(5, 8, colours=("pink",))
 
 
 def test_web_like_imperfections_and_content_hash():

@@ -46,6 +46,7 @@ def test_evaluate_all_blocks(tmp_path, eval_data, capsys):
         for k in SUMMARY_KEYS:
             assert 0.0 <= res[name][k] <= 1.0, (name, k)
         assert "video_probe_top1" in res[name] and "zero_shot_shape_top1" in res[name]
+        assert 0.0 <= res[name]["relation_top1"] <= 1.0
     for name in ("index_int8", "index_pca_int8"):
         assert {"i2t_r1", "t2i_r10", "retrieval_chance_r1"} <= set(res[name])
     assert res["index_pca_int8"]["dim"] == clip.embed_dim // 4
@@ -53,7 +54,7 @@ def test_evaluate_all_blocks(tmp_path, eval_data, capsys):
     assert res["index_int8"]["i2t_bytes_ratio"] < 0.5
     fl = res["float"]
     assert fl["zero_shot_chance"] == pytest.approx(1 / 36)
-    assert fl["video_chance"] == pytest.approx(1 / 7)
+    assert fl["video_chance"] == pytest.approx(1 / 7) and fl["relation_chance"] == 0.5
     n_texts = res["meta"]["n_texts"]
     assert fl["i2t_chance_r1"] == pytest.approx(1 / n_texts)
     assert 0 < fl["hashtag_map_chance"] < 1 and res["meta"]["hashtag_source"] == "hashtag_model"

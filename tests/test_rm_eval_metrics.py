@@ -30,6 +30,16 @@ def test_zero_shot_and_topk():
         M.topk_accuracy(torch.zeros(2, 3), torch.tensor([0]))
 
 
+def test_pair_accuracy():
+    img = torch.eye(3, 4)
+    true = torch.tensor([[1.0, 0.2, 0, 0], [0, 0.1, 1.0, 0], [0, 0, 1.0, 0]])
+    false = torch.tensor([[0.2, 1.0, 0, 0], [0, 1.0, 0.1, 0], [0, 0, 1.0, 0]])
+    # row 0: true wins; row 1: false is nearer; row 2: a tie counts as wrong
+    assert M.pair_accuracy(img, true, false) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="shape"):
+        M.pair_accuracy(img, true[:2], false)
+
+
 def test_class_embeddings_prompt_ensemble():
     table = {"a cat.": [1.0, 0, 0], "a photo of a cat.": [1.0, 1.0, 0],
              "a dog.": [0, 0, 2.0], "a photo of a dog.": [0, 0, 1.0]}

@@ -7,9 +7,10 @@ caption is a paraphrase (the relation inverted with the objects swapped, or syno
 the colours, shapes, sizes and the texture. Single-object scenes carry a class label among the
 36 "colour shape" classes (zero-shot classification); two-object scenes have label -1.
 
-Clips: one shape moving left / right / up / down, rotating, growing or shrinking (7 motion
-classes, the label) over T frames on a static textured background; caption "a red star moving
-left", paraphrase "a red star that moves to the left", hashtags colour, shape, texture, motion.
+Clips: one shape (from a small palette, 3 colours × 2 shapes by default) moving left / right /
+up / down, rotating, growing or shrinking (7 motion classes, the label) over T frames on a
+static textured background; caption "a red square moving left", paraphrase "a red square that
+moves to the left", hashtags colour, shape, texture, motion.
 
 So colour and shape decide zero-shot classification, the relation decides retrieval among
 two-object scenes of the same objects, and only motion decides the clip's class.
@@ -54,10 +55,13 @@ _NOISE_WEIGHTS = [1.0 / (k + 1) ** 1.5 for k in range(len(NOISE_TAGS))]
 IMAGE_CLASSES = [f"{c} {s}" for c in S.COLOURS for s in S.SHAPES]
 IMAGE_PROMPTS = ["a {}.", "a photo of a {}.", "a picture of a {}.", "a drawing of a {}.",
                  "a small {}.", "a large {}.", "a {} on a textured background."]
-# a motion's prompts name every colour and shape (an ensemble over what the clip is not
-# classified by), as the captions do, so a text tower trained only on captions reads them too
-VIDEO_PROMPTS = ["a shape {}.", "a video of a shape {}.", "an object {}."] + \
-    [f"a {c} {s} {{}}" for c in S.COLOURS for s in S.SHAPES]
+VIDEO_PROMPTS = ["a shape {}.", "a video of a shape {}.", "an object {}."]
+# clips draw their object from a small palette: in a batch of 16 a clip then has ~2.5 others
+# of the same look, so a contrastive loss can only tell them apart by their motion (with all
+# 36 looks, colour and shape alone would match clips to captions and motion would never be
+# learnt)
+CLIP_COLOURS = ("red", "green", "blue")
+CLIP_SHAPES = ("square", "triangle")
 _COLOUR_RGB = {k: np.asarray(v, dtype=np.float32) for k, v in S.COLOURS.items()}
 
 
@@ -77,10 +81,11 @@ def _choice(rng: random.Random, seq):
     return seq[rng.randrange(len(seq))]
 
 
-def _sample_object(rng, shape=None, size_word=None) -> dict:
+def _sample_object(rng, shape=None, size_word=None, colours=tuple(S.COLOURS),
+                   shapes=S.SHAPES) -> dict:
     size_word = size_word or _choice(rng, tuple(SIZES))
     lo, hi = SIZES[size_word]
-    return {"shape": shape or _choice(rng, S.SHAPES), "colour": _choice(rng, tuple(S.COLOURS)),
+    return {"shape": shape or _choice(rng, shapes), "colour": _choice(rng, colours),
             "size": size_word, "radius": rng.uniform(lo, hi), "angle": rng.uniform(-0.25, 0.25),
             "jitter": np.array([rng.uniform(-0.06, 0.06) for _ in range(3)], np.float32),
             "shade": rng.uniform(0.05, 0.2)}
@@ -263,6 +268,16 @@ class SyntheticImages(_Synthetic):
         tags.append(sc["texture"])
         return make_meta(i, caption, caption2, self._web(sc["source"], tags), label)
 
+    def swapped_caption(self, i: int) -> str | None:
+        """Item i's caption with the relation inverted and the objects kept in place ("a red
+        star left of a blue circle" -> "a red star right of a blue circle"): a false caption
+        that only the relation tells apart from the true one. None for one-object scenes."""
+        sc = self.scene(check_index(i, self.n))
+        if sc["relation"] is None:
+            return None
+        a, b = sc["objects"]
+        return f"{_phrase(a)} {_INVERSE[sc['relation']]} {_phrase(b)}"
+
     def pixels(self, i: int) -> torch.Tensor:
         sc = self.scene(i)
         rng = self._pixel_rng(sc["source"])
@@ -280,34 +295,48 @@ class SyntheticImages(_Synthetic):
 class SyntheticClips(_Synthetic):
     """Clips of one shape moving, rotating, growing or shrinking; the motion is the label.
 
-    Args as :class:`SyntheticImages`, plus ``frames`` (T >= 1; motion shows from T >= 2).
+    Args as :class:`SyntheticImages`, plus ``frames`` (T >= 1; motion shows from T >= 2) and
+    the object palette ``colours`` / ``shapes`` (default :data:`CLIP_COLOURS` ×
+    :data:`CLIP_SHAPES`: few looks, so motion is what tells clips apart).
     Items: ``video`` (3, T, size, size); ``label`` in ``classes`` (the 7 motions).
+    ``prompts`` (zero-shot on motions) name every look of the palette, as the captions do.
     """
 
     _kind_code = 1
     kind = "video"
     classes = list(MOTIONS)
-    prompts = VIDEO_PROMPTS
 
     def __init__(self, n: int = 2000, size: int = 32, frames: int = 8, *, seed: int = 0,
                  split: str = "train", duplicate_rate: float = 0.0, tag_noise: float = 0.0,
-                 spam_rate: float = 0.0, untagged_rate: float = 0.0, noise: float = 0.02):
+                 spam_rate: float = 0.0, untagged_rate: float = 0.0, noise: float = 0.02,
+                 colours=CLIP_COLOURS, shapes=CLIP_SHAPES):
         super().__init__(n, size, seed, split, duplicate_rate, tag_noise, spam_rate,
                          untagged_rate, noise)
         if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
             raise ValueError(f"frames: expected an int >= 1, got {frames!r}")
         self.frames = frames
+        self.colours, self.shapes = tuple(colours), tuple(shapes)
+        bad = [c for c in self.colours if c not in S.COLOURS] + \
+            [x for x in self.shapes if x not in S.SHAPES]
+        if bad or not self.colours or not self.shapes:
+            raise ValueError(f"colours, shapes: expected non-empty subsets of "
+                             f"{tuple(S.COLOURS)} and {S.SHAPES}, got {bad or 'an empty one'}")
+        self.rotatable = tuple(x for x in self.shapes if x not in S.ROTATION_INVARIANT)
+        # an ensemble over what a clip is not classified by, in the captions' own words
+        self.prompts = VIDEO_PROMPTS + [f"a {c} {x} {{}}" for c in self.colours
+                                        for x in self.shapes]
 
     def scene(self, i: int) -> dict:
         """The clip's texture, object, motion and its start/end state."""
         src = self.source(i)
         rng = self._key(src, 0)
         texture = _choice(rng, S.TEXTURES)
-        motion = _choice(rng, MOTIONS)
+        motions = MOTIONS if self.rotatable else tuple(m for m in MOTIONS if m != "rotating")
+        motion = _choice(rng, motions)
         shape = None
         if motion == "rotating":  # a circle or ring would not show it
-            shape = _choice(rng, tuple(s for s in S.SHAPES if s not in S.ROTATION_INVARIANT))
-        o = _sample_object(rng, shape=shape)
+            shape = _choice(rng, self.rotatable)
+        o = _sample_object(rng, shape=shape, colours=self.colours, shapes=self.shapes)
         r0 = r1 = o["radius"]
         a0 = a1 = o["angle"]
         if motion in ("growing", "shrinking"):
@@ -370,4 +399,4 @@ def colour_shape_of(label: int) -> tuple[int, int]:
 
 
 __all__ = ["SyntheticImages", "SyntheticClips", "IMAGE_CLASSES", "MOTIONS", "RELATIONS",
-           "colour_shape_of", "motion_of"]
+           "CLIP_COLOURS", "CLIP_SHAPES", "colour_shape_of", "motion_of"]

@@ -10,16 +10,16 @@ PCA-reduced EmbeddingIndex — every metric beside its chance level.
 from . import metrics, robustness
 from .data import EvalData, build_eval_data
 from .metrics import (average_precision, class_embeddings, linear_probe, map_chance,
-                      mean_average_precision, random_average_precision, random_recall,
-                      recall_from_ids, retrieval_chance, retrieval_recall, topk_accuracy,
-                      topk_chance, zero_shot_accuracy)
+                      mean_average_precision, pair_accuracy, random_average_precision,
+                      random_recall, recall_from_ids, retrieval_chance, retrieval_recall,
+                      topk_accuracy, topk_chance, zero_shot_accuracy)
 from .report import format_table
 from .suite import VARIANTS, default_evit, default_tome, evaluate, quantized_copy
 
 __all__ = [
     "evaluate", "VARIANTS", "EvalData", "build_eval_data", "format_table", "metrics",
     "robustness", "average_precision", "class_embeddings", "linear_probe", "map_chance",
-    "mean_average_precision", "random_average_precision", "random_recall",
+    "mean_average_precision", "pair_accuracy", "random_average_precision", "random_recall",
     "recall_from_ids", "retrieval_chance", "retrieval_recall", "topk_accuracy", "topk_chance",
     "zero_shot_accuracy", "default_evit", "default_tome", "quantized_copy",
 ]

@@ -3,7 +3,7 @@
 Synthetic test split (its scenes never appear in training: the split is part of every item's
 seed): images for zero-shot classification (the single-object scenes, 36 colour-shape
 classes, also scored as 6 shapes and 6 colours), image↔text retrieval and hashtags (all
-scenes); clips for zero-shot motion classification and a linear probe (fitted on the "val"
+scenes), the relation test (two-object scenes: true caption vs the relation inverted); clips for zero-shot motion classification and a linear probe (fitted on the "val"
 split's clips). Fashion-MNIST's test split when the Debian package is installed.
 """
 
@@ -33,6 +33,8 @@ class EvalData:
     motion_prompts: list[str]
     probe_clips: torch.Tensor  # (M', 3, T, H, W): the probe's training clips
     probe_labels: torch.Tensor
+    # per image: its caption with the relation inverted (None for one object)
+    swapped: list = dataclasses.field(default_factory=list)
     fmnist_images: Optional[torch.Tensor] = None
     fmnist_labels: Optional[torch.Tensor] = None
     fmnist_classes: Optional[list[str]] = None
@@ -65,7 +67,7 @@ def build_eval_data(size: int = 32, frames: int = 8, *, n_images: int = 400,
     probe_clips, _, _, probe_labels = _stack(probe_ds, "video", n_clips)
     data = EvalData(images, captions, hashtags, labels, list(imgs.classes), list(imgs.prompts),
                     clips, clip_labels, list(clips_ds.classes), list(clips_ds.prompts),
-                    probe_clips, probe_labels)
+                    probe_clips, probe_labels, [imgs.swapped_caption(i) for i in range(n_images)])
     if fashion_mnist and n_fmnist > 0:
         try:
             fm = FashionMNIST(size, split="test", n=n_fmnist)

@@ -74,6 +74,22 @@ def zero_shot_accuracy(image_emb: torch.Tensor, class_emb: torch.Tensor, labels,
     return topk_accuracy(scores, labels, k)
 
 
+def pair_accuracy(image_emb: torch.Tensor, true_emb: torch.Tensor,
+                  false_emb: torch.Tensor) -> float:
+    """Two-way forced choice: the fraction of rows whose image is more similar (cosine) to
+    its true text than to its false one (chance 0.5; ties count as wrong).
+
+    Equivalent: ``mean(cos(img[i], true[i]) > cos(img[i], false[i]))``.
+    """
+    img = F.normalize(_check_2d(image_emb, "image_emb").float(), dim=-1)
+    t = F.normalize(_check_2d(true_emb, "true_emb").float(), dim=-1)
+    f = F.normalize(_check_2d(false_emb, "false_emb").float(), dim=-1)
+    if not img.shape == t.shape == f.shape:
+        raise ValueError(f"true_emb, false_emb: expected the shape of image_emb "
+                         f"{tuple(img.shape)}, got {tuple(t.shape)} and {tuple(f.shape)}")
+    return float(((img * t).sum(1) > (img * f).sum(1)).double().mean())
+
+
 def topk_chance(num_classes: int, k: int = 1) -> float:
     """Top-k accuracy of a uniform random guess among ``num_classes``."""
     return min(k, num_classes) / num_classes

@@ -14,6 +14,7 @@ ROWS = [
     ("t2i_r1", "t2i_chance_r1", "text->image R@1"),
     ("t2i_r5", "t2i_chance_r5", "text->image R@5"),
     ("t2i_r10", "t2i_chance_r10", "text->image R@10"),
+    ("relation_top1", "relation_chance", "relation (true vs inverted caption)"),
     ("video_top1", "video_chance", "video zero-shot (7 motions)"),
     ("video_probe_top1", "video_probe_chance", "video linear probe"),
     ("hashtag_map", "hashtag_map_chance", "hashtag mAP"),

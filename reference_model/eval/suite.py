@@ -30,8 +30,8 @@ from .report import format_table
 VARIANTS = ("float", "int8", "tome", "evit", "index")
 KS = (1, 5, 10)
 # the metrics a whole-model variant is compared on (points lost vs float)
-COMPARED = ("zero_shot_top1", "i2t_r1", "t2i_r1", "video_top1", "video_probe_top1",
-            "hashtag_map", "fmnist_top1")
+COMPARED = ("zero_shot_top1", "i2t_r1", "t2i_r1", "relation_top1", "video_top1",
+            "video_probe_top1", "hashtag_map", "fmnist_top1")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,6 +122,14 @@ class _TextSide:
         self.image_groups = torch.tensor([pos[c] for c in data.captions])
         self.text_groups = torch.arange(len(self.texts))
         self.text_emb = _encode_texts(model, self.texts)
+        # the relation test: each two-object image's caption and its relation-inverted twin
+        self.two = torch.tensor([w is not None for w in data.swapped], dtype=torch.bool)
+        if data.swapped and self.two.any():
+            self.swapped_emb = _encode_texts(model, [w for w in data.swapped if w is not None])
+            self.true_emb = self.text_emb[self.image_groups[self.two]]
+        else:
+            self.two = torch.zeros(len(data.captions), dtype=torch.bool)
+            self.swapped_emb = self.true_emb = None
         # hashtags: the hashtag model's vocabulary, or zero-shot prompts for the eval's tags
         if hashtag_model is not None:
             if vocab is None:
@@ -155,6 +163,7 @@ def _chance_block(data: EvalData, text: _TextSide) -> dict:
            "zero_shot_shape_chance": M.topk_chance(len(data.shape_classes)),
            "zero_shot_colour_chance": M.topk_chance(len(data.colour_classes)),
            "video_chance": M.topk_chance(len(data.motion_classes)),
+           "relation_chance": 0.5,
            "video_probe_chance": M.topk_chance(len(data.motion_classes))}
     for k in KS:
         out[f"i2t_chance_r{k}"] = ch[f"i2t_r{k}"]
@@ -204,6 +213,8 @@ def _image_metrics(enc: _Encoders, data: EvalData, images: torch.Tensor,
            "zero_shot_shape_top1": M.zero_shot_accuracy(zs_emb, text.shapes, shape),
            "zero_shot_colour_top1": M.zero_shot_accuracy(zs_emb, text.colours, colour)}
     out.update(M.retrieval_recall(emb, text.text_emb, text.image_groups, text.text_groups, KS))
+    if text.swapped_emb is not None:
+        out["relation_top1"] = M.pair_accuracy(emb[text.two], text.true_emb, text.swapped_emb)
     if text.tag_targets.sum() > 0:
         if tag_images is None:
             scores = enc.tag_scores(images, emb)
