@@ -128,8 +128,9 @@ OPTIM_DEFAULTS = {
 def _preset(model: str) -> TrainConfig:
     """Training preset of a named model config (batch sizes, resolution schedule, steps)."""
     if model == "tiny":
-        # the demo's model: small images, a few hundred steps per stage on 2 CPU cores
-        phases = [Phase(0.0, 24, 4), Phase(0.5, 32, 4)]
+        # the demo's model: 24 px then 32 px images (37 then 65 tokens), 4- then 8-frame clips
+        # (the eval's length), a few hundred steps per stage on 2 CPU cores
+        phases = [Phase(0.0, 24, 4), Phase(0.5, 32, 8)]
         cfg = TrainConfig(model=model)
         cfg.mae = StageConfig(steps=200, batch_size=64, phases=copy.deepcopy(phases),
                               video_every=4, warmup=0.05)
