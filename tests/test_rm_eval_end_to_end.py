@@ -114,6 +114,24 @@ def test_tome_and_evit_change_the_image_side(eval_data):
             torch.testing.assert_close(clip.encode_image(x), ref)
 
 
+def test_quantized_copy_image_side_only():
+    import xray_ops as xo
+
+    from reference_model.eval import quantized_copy
+
+    clip, _, _ = _tiny_models()
+    q = quantized_copy(clip, [clip.text_tower])
+    seen = set()
+    for name, m in q.named_modules():
+        if isinstance(m, (torch.nn.Linear, xo.nn.Int8Linear)):
+            part = name.split(".")[0]
+            seen.add(part)
+            assert isinstance(m, xo.nn.Int8Linear) == (part in ("vit", "visual_proj")), name
+    assert seen == {"vit", "visual_proj", "text_tower", "text_proj"}
+    assert q.text_tower is clip.text_tower and q.vit is not clip.vit
+    assert type(clip.vit.blocks[0].attn.qkv) is torch.nn.Linear  # the original stays float
+
+
 def test_console_script(tmp_path, capsys):
     out = tmp_path / "m.json"
     rc = main(["--random-init", "tiny", "--size", "16", "--frames", "2", "--n-images", "16",

@@ -87,17 +87,22 @@ def default_evit(vit):
     return xo.EViTConfig(keep_rate=0.7, locations=tuple(locs))
 
 
+TEXT_SIDE = ("text_tower", "text_proj")  # CLIPModel's text modules: they stay float
+
+
 def quantized_copy(model, keep_shared=()):
-    """A deep copy of ``model`` with xray_ops.quantize_ applied to its image side (everything
-    but the text tower, which ``keep_shared`` modules stay shared rather than copied)."""
+    """A deep copy of ``model`` with xray_ops.quantize_ applied to its image side: every
+    nn.Linear except those of the text side (TEXT_SIDE). ``keep_shared`` modules (the text
+    tower) are shared with the original instead of copied.
+
+    Equivalent: ``xo.quantize_(copy.deepcopy(model), filter_fn=lambda m, name: not
+    name.startswith(TEXT_SIDE))``.
+    """
     import xray_ops as xo
 
     memo = {id(m): m for m in keep_shared if m is not None}
     q = copy.deepcopy(model, memo)
-    text = getattr(q, "text_tower", None)
-    text_names = {n for n, _ in text.named_modules(prefix="text_tower")} if text is not None \
-        else set()
-    return xo.quantize_(q, filter_fn=lambda m, name: name not in text_names)
+    return xo.quantize_(q, filter_fn=lambda m, name: not name.split(".")[0] in TEXT_SIDE)
 
 
 # ----------------------------------------------------------------------------------------------
