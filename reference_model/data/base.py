@@ -14,9 +14,10 @@ import re
 import torch
 
 # what reading or decoding one file can raise (PIL, cairosvg/expat, gzip/zlib, tarfile, json,
-# csv): a dataset turns these into UnreadableSample, naming the file
-DECODE_ERRORS = (OSError, ValueError, EOFError, SyntaxError, KeyError, IndexError, RuntimeError,
-                 MemoryError)
+# PyAV, or a decoder that is not installed): a dataset turns these into UnreadableSample,
+# naming the file
+DECODE_ERRORS = (OSError, ValueError, EOFError, SyntaxError, RuntimeError, MemoryError,
+                 ImportError)
 
 
 class UnreadableSample(Exception):

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .base import CaptionDataset, UnreadableSample, check_index, check_size, make_meta, parse_tags
+from .base import (DECODE_ERRORS, CaptionDataset, UnreadableSample, check_index, check_size,
+                   make_meta, parse_tags)
 from .decode import (IMAGE_EXTS, VIDEO_EXTS, has_video_decoder, load_frame_folder, load_image,
                      load_video_file)
 
@@ -126,8 +127,7 @@ class _FileDataset(CaptionDataset):
         p = self.path(i)
         try:
             return fn(p)
-        except (OSError, ValueError, EOFError, SyntaxError, RuntimeError, MemoryError,
-                ImportError) as e:
+        except DECODE_ERRORS as e:
             raise UnreadableSample(i, str(p), e) from None
 
     def content_hash(self, i: int) -> str:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .base import CaptionDataset, UnreadableSample, check_index, check_size, make_meta, parse_tags
+from .base import (DECODE_ERRORS, CaptionDataset, UnreadableSample, check_index, check_size,
+                   make_meta, parse_tags)
 from .decode import load_image
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
@@ -142,7 +143,7 @@ class WebDatasetShards(CaptionDataset):
         data = self._bytes(i)
         try:
             return load_image(data, self.size)
-        except (OSError, ValueError, EOFError, SyntaxError, MemoryError) as e:
+        except DECODE_ERRORS as e:
             s = self.samples[i]
             raise UnreadableSample(i, f"{self.paths[s['shard']]}:{s['key']}", e) from None
 
