@@ -112,6 +112,9 @@ def render_cache(size: int, *, limit: int | None = None, max_bytes: int | None =
         return np.load(npy, mmap_mode="r"), index
     files = svg_files(root, max_bytes)[:limit]
     workers = workers or max(1, min(len(os.sched_getaffinity(0)), 16))
+    if verbose:  # the first run renders for a minute or more: say so before it starts
+        print(f"openclipart: rendering {len(files)} SVGs at {size}px once into {cache} "
+              f"(cached for later runs)", flush=True)
     t0 = time.perf_counter()
     jobs = [(str(p), size) for p in files]
     if workers > 1:

@@ -2,6 +2,7 @@
 
     python -m reference_model.train.bench --config l16 --device cuda --budget 80   (the GPU check)
     python -m reference_model.train.bench --config tiny --device cpu --img-size 32 --batch 64
+    python -m reference_model.train.bench --config tiny --device cpu --img-size 32 --quick
 
 Training: steps of the hashtag stage model (the ViT + a linear head over ``--tags`` tags, BCE)
 with Lion, bf16 autocast on the GPU, in these modes, one after another:
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None, help="default: 64 on cuda, 32 on cpu")
     p.add_argument("--infer-batch", type=int, default=None, help="default: 2 x --batch")
     p.add_argument("--img-size", type=int, default=None, help="default: the config's")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per mode")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per mode (default 5)")
     p.add_argument("--tags", type=int, default=1000)
     p.add_argument("--tome-r", type=int, default=8)
     p.add_argument("--train-modes", default=",".join(TRAIN_MODES))
@@ -137,7 +138,16 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--budget", type=float, default=None, help="seconds; later modes are skipped")
     p.add_argument("--csv", default=None, help="append rows here (default: none)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: 2 timed steps, batch 8 (unless --steps / --batch say)")
     a = p.parse_args(argv)
+    for flag in ("steps", "batch", "infer_batch"):
+        if getattr(a, flag) is not None and getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')}: expected an int >= 1, got {getattr(a, flag)}")
+    # explicit --steps / --batch win over the smoke sizes
+    a.steps = a.steps or (2 if a.quick else 5)
+    if a.quick:
+        a.batch = a.batch or 8
 
     from reference_model import get_config
     from reference_model.train.dist import resolve_device
