@@ -17,7 +17,7 @@ def test_bench_quick_cpu_every_mode_has_a_rate(tmp_path, capsys):
     try:
         assert bench.main(["--config", "tiny", "--device", "cpu", "--img-size", "16", "--quick",
                            "--batch", "2", "--tags", "7", "--tome-r", "2", "--threads", "1",
-                           "--train-modes", "torch,xray",
+                           "--rounds", "2", "--train-modes", "torch,xray",
                            "--infer-modes", "torch,xray_tome_int8",
                            "--csv", str(out)]) == 0
     finally:
@@ -25,6 +25,7 @@ def test_bench_quick_cpu_every_mode_has_a_rate(tmp_path, capsys):
     with open(out) as f:
         rows = list(csv.DictReader(f))
     got = {(r["what"], r["mode"]) for r in rows}
+    assert sorted(r["round"] for r in rows) == ["0"] * 4 + ["1"] * 4  # alternating rounds
     # the other inference modes are each half of xray_tome_int8 (kept out: numba compiles)
     assert got == {("train", "torch"), ("train", "xray"), ("infer", "torch"),
                    ("infer", "xray_tome_int8")}
@@ -32,4 +33,9 @@ def test_bench_quick_cpu_every_mode_has_a_rate(tmp_path, capsys):
         assert r["note"] == "", r  # no mode failed
         assert float(r["samples_per_s"]) > 0 and r["steps"] == "2" and r["config"] == "tiny"
         assert r["mode"] == "torch" or float(r["vs_torch"]) > 0
-    assert "vs torch eager" in capsys.readouterr().out
+    for r in rows:  # each ratio against the same round's torch row
+        base = [b for b in rows if (b["what"], b["mode"], b["round"]) == (r["what"], "torch",
+                                                                          r["round"])]
+        assert abs(float(r["vs_torch"] or 1) - float(r["samples_per_s"])
+                   / float(base[0]["samples_per_s"])) < 0.01 * float(r["vs_torch"] or 1)
+    assert "medians of 2 rounds" in capsys.readouterr().out

@@ -22,6 +22,7 @@ import csv
 import datetime
 import gc
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -31,7 +32,7 @@ import torch
 TRAIN_MODES = ("torch", "xray", "torch_compile", "xray_compile")  # torch first: the baseline
 INFER_MODES = ("torch", "xray", "xray_tome", "xray_int8", "xray_tome_int8")
 COLUMNS = ("time", "commit", "device", "config", "what", "mode", "batch", "img_size",
-           "dtype", "steps", "samples_per_s", "vs_torch", "seconds", "note")
+           "dtype", "steps", "round", "samples_per_s", "vs_torch", "seconds", "note")
 
 
 def _commit() -> str:
@@ -138,10 +139,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--budget", type=float, default=None, help="seconds; later modes are skipped")
     p.add_argument("--csv", default=None, help="append rows here (default: none)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the modes in alternating rounds (each ratio against the same "
+                        "round's torch row); the final table gives the medians")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 2 timed steps, batch 8 (unless --steps / --batch say)")
     a = p.parse_args(argv)
-    for flag in ("steps", "batch", "infer_batch"):
+    for flag in ("steps", "batch", "infer_batch", "rounds"):
         if getattr(a, flag) is not None and getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')}: expected an int >= 1, got {getattr(a, flag)}")
     # explicit --steps / --batch win over the smoke sizes
@@ -165,16 +169,17 @@ def main(argv=None) -> int:
     commit = _commit()
     rows = []
 
-    def record(what, mode, rate, note=""):
+    def record(what, mode, rate, note="", rnd=0):
         row = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit,
                "device": dev_name, "config": a.config, "what": what, "mode": mode,
                "batch": batch if what == "train" else (a.infer_batch or 2 * batch),
                "img_size": img, "dtype": "bf16" if bf16 else "fp32", "steps": a.steps,
-               "samples_per_s": round(rate, 2) if rate else "", "vs_torch": "",
+               "round": rnd, "samples_per_s": round(rate, 2) if rate else "", "vs_torch": "",
                "seconds": round(time.perf_counter() - t0, 1), "note": note}
-        base = [r for r in rows if r["what"] == what and r["mode"] == "torch" and r["samples_per_s"]]
+        base = [r for r in rows if r["what"] == what and r["mode"] == "torch"
+                and r["round"] == rnd and r["samples_per_s"]]
         if base and rate:
-            row["vs_torch"] = round(rate / base[0]["samples_per_s"], 3)
+            row["vs_torch"] = round(rate / base[-1]["samples_per_s"], 3)
         rows.append(row)
         print(f"{what:6s} {mode:15s} {row['samples_per_s']!s:>10} samples/s "
               f"{('x' + str(row['vs_torch'])) if row['vs_torch'] else ''} {note}", flush=True)
@@ -194,26 +199,33 @@ def main(argv=None) -> int:
     plan = [("train", m) for m in a.train_modes.split(",") if m and "compile" not in m]
     plan += [("infer", m) for m in a.infer_modes.split(",") if m]
     plan += [("train", m) for m in a.train_modes.split(",") if m and "compile" in m]  # last
+    for rnd in range(a.rounds):  # alternating rounds: shared-machine load hits both sides
+        for what, mode in plan:
+            if over_budget():
+                record(what, mode, None, "skipped: over --budget", rnd)
+                continue
+            try:
+                if what == "train":
+                    ops = "torch" if mode.startswith("torch") else "xray"
+                    rate = train_rate(a.config, ops, "compile" in mode, device, batch, img,
+                                      a.steps, a.tags, bf16)
+                else:
+                    rate = infer_rate(a.config, mode, device, a.infer_batch or 2 * batch, img,
+                                      a.steps, bf16, a.tome_r)
+                record(what, mode, rate, rnd=rnd)
+            except Exception as e:  # one mode failing must not lose the others' figures
+                record(what, mode, None,
+                       f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}", rnd)
+                _free(device)
+    print(f"\n{'':6s} {'mode':15s} {'samples/s':>10} {'vs torch eager':>15}"
+          + (f"   (medians of {a.rounds} rounds)" if a.rounds > 1 else ""))
     for what, mode in plan:
-        if over_budget():
-            record(what, mode, None, "skipped: over --budget")
-            continue
-        try:
-            if what == "train":
-                ops = "torch" if mode.startswith("torch") else "xray"
-                rate = train_rate(a.config, ops, "compile" in mode, device, batch, img,
-                                  a.steps, a.tags, bf16)
-            else:
-                rate = infer_rate(a.config, mode, device, a.infer_batch or 2 * batch, img,
-                                  a.steps, bf16, a.tome_r)
-            record(what, mode, rate)
-        except Exception as e:  # one mode failing must not lose the others' figures
-            record(what, mode, None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
-            _free(device)
-    print(f"\n{'':6s} {'mode':15s} {'samples/s':>10} {'vs torch eager':>15}")
-    for r in rows:
-        print(f"{r['what']:6s} {r['mode']:15s} {r['samples_per_s']!s:>10} "
-              f"{r['vs_torch']!s:>15} {r['note']}")
+        mine = [r for r in rows if r["what"] == what and r["mode"] == mode]
+        rates = [r["samples_per_s"] for r in mine if r["samples_per_s"]]
+        ratios = [r["vs_torch"] for r in mine if r["vs_torch"] != ""]
+        notes = sorted({r["note"] for r in mine if r["note"]})
+        print(f"{what:6s} {mode:15s} {statistics.median(rates) if rates else '':>10} "
+              f"{round(statistics.median(ratios), 3) if ratios else '':>15} {'; '.join(notes)}")
     return 0
 
 
