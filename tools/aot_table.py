@@ -289,11 +289,15 @@ def lion(dtype, state):
                 [meta(*s, dtype=st) for s in _VIT_L_SHAPES], 1e-4, 0.9, 0.99, 0.1)
 
 
+def _scale():
+    return torch.empty((), device="meta", dtype=FP32)  # the logit scale, 0-dim
+
+
 def contrastive_forward(dtype, B, C):
     from xray_ops.kernels import contrastive_loss as k
 
     dt = DTYPES[dtype]
-    k.row_stats(meta(B, C, dtype=dt), meta(B, C, dtype=dt), torch.empty((), device="meta", dtype=FP32))
+    k.row_stats(meta(B, C, dtype=dt), meta(B, C, dtype=dt), _scale())
 
 
 def contrastive_backward(dtype, B, C, form="full"):
@@ -302,10 +306,10 @@ def contrastive_backward(dtype, B, C, form="full"):
     dt = DTYPES[dtype]
     lse = meta(B, dtype=FP32)
     # the full form's pass has both softmax terms, the local form's one or the other
-    k.row_grads(meta(B, C, dtype=dt), meta(B, C, dtype=dt), torch.empty((), device="meta", dtype=FP32), lse,
+    k.row_grads(meta(B, C, dtype=dt), meta(B, C, dtype=dt), _scale(), lse,
                 lse if form == "full" else None)
     if form == "local":
-        k.row_grads(meta(B, C, dtype=dt), meta(B, C, dtype=dt), torch.empty((), device="meta", dtype=FP32), None, lse)
+        k.row_grads(meta(B, C, dtype=dt), meta(B, C, dtype=dt), _scale(), None, lse)
 
 
 # ----------------------------------------------------------------------------------------------
