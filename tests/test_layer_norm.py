@@ -282,3 +282,49 @@ def test_vit_scale_rows_on_gpu(backend, C):
     assert_close_to_reference(s, r_s, b_s, name="s")
     for name, a, rr, bb in zip(("x", "residual", "gamma", "weight", "bias"), got, r_g, b_g):
         assert_close_to_reference(a, rr, bb, name=f"grad_{name}", atol=1e-2 * M ** 0.5)
+
+
+def test_cuda_routing_of_wide_rows_not_in_packs():
+    """The CUDA forward keeps rows not in 16-byte packs to 4096 elements (wider ones spilled):
+    a wider C that is not a multiple of the pack goes elsewhere with the reason; a misaligned
+    view of a packable width is copied into packs first (shapes and pointers only: no GPU)."""
+    from xray_ops.ops import layer_norm_backends as lb
+
+    def inputs(x, residual=None):
+        return lb._dispatch._spec(lb.OP).forward(x, None, None, 1e-6, residual, None)
+
+    assert lb._cuda_forward_check(inputs(torch.empty(2, 4096 + 7))) == [
+        "C=4103 is not a multiple of 4 (16-byte packs): the CUDA kernel's row limit is 4096 then"]
+    assert lb._cuda_forward_check(inputs(torch.empty(2, 4103, dtype=torch.half)))[0].startswith(
+        "C=4103 is not a multiple of 8")
+    assert lb._cuda_forward_check(inputs(torch.empty(2, 4095))) == []  # within the limit
+    assert lb._cuda_forward_check(inputs(torch.empty(2, 6144))) == []  # in packs
+    assert lb._cuda_forward_check(inputs(torch.empty(2, 9000)))[0].endswith("row limit 8192")
+    base = torch.randn(3 * 6144 + 1)
+    view = base[1:].view(3, 6144)  # 4 bytes off 16: not in packs
+    rows = lb._cuda_rows(view, 6144)
+    assert rows.data_ptr() % 16 == 0 and torch.equal(rows, view)
+    packed = torch.randn(3, 6144)
+    assert lb._cuda_rows(packed, 6144) is packed
+    narrow = base[1:4097].view(1, 4096)  # within the unpacked limit: read as it is
+    assert lb._cuda_rows(narrow, 4096) is narrow
+
+
+@pytest.mark.gpu
+def test_cuda_wide_rows_not_in_packs_on_gpu():
+    """C = 6151 (not a multiple of the pack) goes to Triton under auto and is refused when CUDA
+    is forced; a misaligned (M, 6144) view runs on CUDA (copied into packs) and agrees."""
+    x = torch.randn(3, 6151, device="cuda")
+    with pytest.raises(xo.BackendError, match="C=6151 is not a multiple of 4"):
+        with xo.backend("cuda"):
+            xo.layer_norm(x, None, None, residual=x)
+    xo.layer_norm(x, None, None, residual=x)
+    assert xo.last_backend("layer_norm") != "cuda"
+    base = torch.randn(3 * 6144 + 1, device="cuda")
+    view, r = base[1:].view(3, 6144), torch.randn(3, 6144, device="cuda")
+    g, w = torch.rand(6144, device="cuda"), torch.rand(6144, device="cuda")
+    with xo.backend("cuda"):
+        y, s = xo.layer_norm(view, w, None, residual=r, residual_scale=g)
+    y_ref, s_ref = ref.layer_norm(view.double(), w.double(), None, 1e-6, r.double(), g.double())
+    torch.testing.assert_close(s.double(), s_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
