@@ -29,6 +29,8 @@ import numba
 import numpy as np
 import torch
 
+from ..reference import int8 as ref
+
 _QMAX = np.float32(127.0)
 # rows below this much work (elements) per thread run on the calling thread alone
 _MIN_WORK_PER_THREAD = 1 << 15
@@ -221,6 +223,10 @@ def layernorm_quant(x, weight, bias, eps):
 
 
 def _gemm_epilogue(acc: torch.Tensor, a_scale, b_scale, bias, out_dtype, gelu):
+    if out_dtype == torch.float64:
+        # the definition's float64 epilogue, as is (a float32 one would round before the end)
+        return ref.int8_epilogue(acc.to(torch.float64), a_scale, b_scale, bias,
+                                 "gelu" if gelu else None)
     M, N = acc.shape
     out = acc.view(torch.float32)  # written in place over the int32 accumulator
     if M and N:
