@@ -168,6 +168,18 @@ def backend_status(name: str) -> tuple[bool, str]:
 # ----------------------------------------------------------------------------------------------
 # selection
 # ----------------------------------------------------------------------------------------------
+INTERPRETER_BF16_REASON = (
+    "bfloat16 under the Triton interpreter: its bfloat16 stores truncate instead of rounding "
+    "and its tl.dot on bfloat16 multiplies raw bit patterns (triton-lang/triton#11584); use "
+    "float16/float32 on the CPU, bfloat16 on the GPU")
+
+
+def _has_bfloat16(args: Sequence) -> bool:
+    """Any tensor argument, or a dtype argument (an output dtype), in bfloat16."""
+    return any((isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16)
+               or a is torch.bfloat16 for a in args)
+
+
 def _reasons(impl: Impl, args: Sequence, *, auto: bool, backward: bool) -> list[str]:
     reasons: list[str] = []
     if backward and impl.backward is None:
@@ -186,6 +198,8 @@ def _reasons(impl: Impl, args: Sequence, *, auto: bool, backward: bool) -> list[
                 reasons.append("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
             elif auto:
                 reasons.append("auto does not pick the Triton interpreter; force 'triton' to run it")
+            if triton_interpreting() and _has_bfloat16(args):  # every op alike
+                reasons.append(INTERPRETER_BF16_REASON)
     elif impl.backend == "cpu" and not _module_present("numba"):
         return ["numba is not installed (pip install numba)"]
     if not (impl.backend == "triton" and device.type == "cpu") and device.type not in impl.devices:

@@ -128,6 +128,13 @@ def _cuda_row_check(x, *rest):
         if C > CUDA_MAX_ROW else []
 
 
+def _triton_gemm_check(a_q, b_q, a_scale, b_scale, bias, out_dtype, activation):
+    # the Triton epilogue computes in float32: a float64 result would not be the float64
+    # epilogue rounded once (the torch and cpu backends compute that)
+    return [f"out_dtype {out_dtype}: the Triton epilogue computes in float32 (float64 output: "
+            f"torch or cpu backend)"] if out_dtype == torch.float64 else []
+
+
 def _cuda_gemm_check(a_q, b_q, a_scale, b_scale, bias, out_dtype, activation):
     K = a_q.shape[1]
     reasons = []
@@ -173,7 +180,7 @@ _impl("layernorm_quant", "cuda", _cuda_layernorm_quant, {"cuda"}, _HALF_FLOAT, _
 _impl("layernorm_quant", "cpu", _cpu_layernorm_quant, {"cpu"}, (torch.float32,))
 
 _impl("int8_matmul", "torch", ref.int8_matmul_op, {"cpu", "cuda"}, _I8)
-_impl("int8_matmul", "triton", _triton_matmul, {"cuda"}, _I8)
+_impl("int8_matmul", "triton", _triton_matmul, {"cuda"}, _I8, _triton_gemm_check)
 _impl("int8_matmul", "cuda", _cuda_matmul, {"cuda"}, _I8, _cuda_gemm_check)
 _impl("int8_matmul", "cpu", _cpu_matmul, {"cpu"}, _I8)
 
