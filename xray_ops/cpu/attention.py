@@ -13,18 +13,13 @@ it does not give is built around it without an (Nq, Nk) matrix either:
   contract says lse -inf, so those rows are found from key_bias and set.
 - Backward: the gradients are linear in what arrives at the three outputs, so each part is
   added on its own.
-  * dout: the kernel's backward as is.
+  * dout: the kernel's backward as is (dq, dk, dv).
   * dcls (the CLS row, row 0 of every head, takes dcls / H): a rank-one correction,
     dS₀ = P₀ ⊙ (g − ⟨P₀, g⟩) with g = dcls / H, added to dq₀, dk and dkey_bias —
     O(B·H·Nk·D), never the matrix.
-  * dlse and dkey_bias: one extra head-dim column e. q, k, v, out and dout are copied into
-    (D + 1)-wide float32 buffers (so 16-bit inputs get a float32 backward here).
-    q'ₑ = 1 / scale and k'ₑ = 0 leave every logit as is, and the kernel's
-    dk'ₑ = scale · Σᵢ dSᵢⱼ q'ₑ = Σᵢ dSᵢⱼ is dkey_bias for that head: the sums of dS over the
-    queries, accumulated blockwise inside the kernel. v'ₑ = 0, dout'ₑ = 1 and out'ₑ = −dlse
-    turn the kernel's δᵢ = Σ dout'ᵢ · out'ᵢ into δᵢ − dlseᵢ, which is exactly the dlse term
-    dSᵢⱼ += Pᵢⱼ dlseᵢ. The copies cost O(B·H·N·D); without a key_bias gradient or an lse
-    gradient the kernel runs on the inputs directly.
+  * dkey_bias (the sums of dS over the heads and queries) and dlse (dS += P ⊙ dlse, only
+    with a gradient through lse): one pass over P a slab of queries at a time
+    (:func:`_slab_pass`), beside the kernel's backward.
 
 The kernel's backward computes δ from dout and out (FlashAttention-2); the tests against the
 float64 reference hold every gradient to it. fp16 / bf16 / fp32 (float64 is the reference's:
@@ -40,6 +35,8 @@ import torch
 _FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 _NEG_INF = float("-inf")
+# queries per slab of P in the backward's own pass: (B, H, _BLOCK, Nk) at a time
+_BLOCK = 64
 
 
 def _mask(key_bias: torch.Tensor | None, dtype: torch.dtype, n_k: int) -> torch.Tensor:
@@ -107,54 +104,78 @@ def flash_attention_forward(q, k, v, key_bias, scale: float, causal: bool, want_
     return out, cls, lse
 
 
-def _padded(t: torch.Tensor, fill: float | torch.Tensor, factor: float = 1.0) -> torch.Tensor:
-    """t (B, H, N, D) copied (times ``factor``) into a float32 (float64 for float64)
-    (B, H, N, D + 1) buffer whose extra column holds ``fill`` (a number or a (B, H, N)
-    tensor)."""
-    B, H, N, D = t.shape
-    buf = t.new_empty(B, H, N, D + 1, dtype=_acc(t.dtype))
-    if factor == 1.0:
-        buf[..., :D].copy_(t)
-    else:
-        torch.mul(t, factor, out=buf[..., :D])
-    buf[..., D] = fill
-    return buf
+def _slab_pass(q, k, v, key_bias, dout, out, dlse, lse_k, scale: float, causal: bool,
+               want_db: bool, block: int = _BLOCK):
+    """What the kernel's backward does not give, in one pass over P, a slab of ``block``
+    queries per head at a time (one matmul and one exp per slab; never the (Nq, Nk) matrix):
+
+    - dkey_bias per head (B, H, Nk) = Σᵢ dSᵢⱼ = Σᵢ Pᵢⱼ (dPᵢⱼ − δᵢ + dlseᵢ), with
+      dP = dout vᵀ (a second matmul per slab) and δᵢ = doutᵢ · outᵢ. (The identity
+      Σᵢ Pᵢⱼ dPᵢⱼ = vⱼ · dvⱼ would spare that matmul, but the difference of two large sums
+      loses several digits: measured beyond the error budget in float32.)
+    - dlse's share of dq and dk: dSᵢⱼ += Pᵢⱼ dlseᵢ, so dqᵢ += scale · dlseᵢ Σⱼ Pᵢⱼ kⱼ and
+      dkⱼ += scale · Σᵢ Pᵢⱼ dlseᵢ qᵢ (two more matmuls per slab; only with a gradient
+      through lse).
+
+    Returns (dkey_bias per head or None, dq extra or None, dk extra or None), in float32
+    (float64 for float64).
+    """
+    acc = _acc(q.dtype)
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[2]
+    w = (dout.to(acc) * out.to(acc)).sum(-1)  # δᵢ, (B, H, Nq)
+    if dlse is not None:
+        w = w - dlse.to(acc)
+    db = dq_x = dk_x = None
+    if want_db:
+        db = q.new_zeros(B, H, Nk, dtype=acc)
+    if dlse is not None:
+        dq_x = q.new_zeros(q.shape, dtype=acc)
+        dk_x = q.new_zeros(k.shape, dtype=acc)
+    k_a = k.to(acc)
+    v_t = v.to(acc).transpose(-1, -2) if want_db else None
+    bias = key_bias.to(acc)[:, None, None, :] if key_bias is not None else None
+    keys = torch.arange(Nk, device=q.device)
+    for i0 in range(0, Nq, block):
+        i1 = min(Nq, i0 + block)
+        n = min(Nk, i1) if causal else Nk  # with causal, keys past the slab's last query are out
+        q_s = q[:, :, i0:i1].to(acc)
+        p = torch.matmul(q_s, k_a[:, :, :n].transpose(-1, -2)).mul_(scale)
+        if bias is not None:
+            p.add_(bias[..., :n])
+        if causal:
+            p.masked_fill_(keys[None, :n] > torch.arange(i0, i1, device=q.device)[:, None],
+                           _NEG_INF)
+        p.sub_(lse_k[:, :, i0:i1, None].to(acc)).exp_()  # Pᵢⱼ for the slab
+        if dlse is not None:
+            pl = p * dlse[:, :, i0:i1, None].to(acc)
+            dq_x[:, :, i0:i1] += torch.matmul(pl, k_a[:, :, :n]).mul_(scale)
+            dk_x[:, :, :n] += torch.matmul(pl.transpose(-1, -2), q_s).mul_(scale)
+        if want_db:
+            dp = torch.matmul(dout[:, :, i0:i1].to(acc), v_t[..., :n])
+            db[..., :n] += p.mul_(dp.sub_(w[:, :, i0:i1, None])).sum(-2)
+    return db, dq_x, dk_x
 
 
 def flash_attention_backward(dout, dcls, dlse, q, k, v, key_bias, key_bias_grad: bool, out, lse,
                              scale: float, causal: bool, dq, dk, dv):
     """Writes dq, dk, dv (any strides); returns dkey_bias (B, Nk) when key_bias_grad, else
     None. dcls (B, Nk) / dlse (B, H, Nq) may be None (no gradient arrives there)."""
-    B, H, Nq, D = q.shape
+    H = q.shape[1]
+    acc = _acc(q.dtype)
     want_db = key_bias is not None and key_bias_grad
     # the kernel's own convention for fully masked rows (P = exp(-inf - 0) = 0)
     lse_k = lse.masked_fill(lse == _NEG_INF, 0.0)
-    if dlse is None and not want_db:
-        gq, gk, gv = _BWD(dout, q, k, v, out, lse_k, 0.0, causal,
-                          attn_mask=_mask(key_bias, q.dtype, k.shape[2]), scale=scale)
-        db_heads = None
-    else:
-        # the extra column: see the module docstring. The buffers are float32 (float64), so
-        # for 16-bit inputs this backward computes in float32 and dkey_bias is summed over the
-        # heads before any rounding. q'ₑ = 1 / scale: the kernel's dk'ₑ = scale · Σᵢ dSᵢⱼ · q'ₑ
-        # is Σᵢ dSᵢⱼ, divided below by the q'ₑ actually stored (its rounding cancels). With
-        # scale 0 q is pre-scaled instead and the kernel runs with scale 1.
-        live = dlse is not None
-        acc = _acc(q.dtype)
-        c = torch.tensor(1.0 / scale if scale != 0 else float("inf"), dtype=acc)
-        prescale = not bool(torch.isfinite(c))
-        q_scale, k_scale, c = (scale, 1.0, 1.0) if prescale else (1.0, scale, float(c))
-        gq, gk, gv = _BWD(_padded(dout, 1.0 if live else 0.0), _padded(q, c, q_scale),
-                          _padded(k, 0.0), _padded(v, 0.0),
-                          _padded(out, -dlse.to(acc) if live else 0.0), lse_k.to(acc), 0.0,
-                          causal, attn_mask=_mask(key_bias, acc, k.shape[2]), scale=k_scale)
-        db_heads = gk[..., D] / (k_scale * c) if want_db else None
-        gq, gk, gv = gq[..., :D], gk[..., :D], gv[..., :D]
-        if prescale:
-            gq = gq.mul_(scale)
+    gq, gk, gv = _BWD(dout, q, k, v, out, lse_k, 0.0, causal,
+                      attn_mask=_mask(key_bias, q.dtype, k.shape[2]), scale=scale)
+    db_heads = None
+    if want_db or dlse is not None:
+        db_heads, dq_x, dk_x = _slab_pass(q, k, v, key_bias, dout, out, dlse, lse_k, scale,
+                                          causal, want_db)
+        if dlse is not None:
+            gq, gk = dq_x.add_(gq), dk_x.add_(gk)
     if dcls is not None:
         # the CLS row: every head's row 0 receives dcls / H (rank one, row 0 only)
-        acc = _acc(q.dtype)
         p0 = _row0_probs(q, k, key_bias, lse, scale, causal)  # (B, H, Nk)
         g = dcls.to(acc)[:, None, :] / H
         ds0 = p0 * (g - (p0 * g).sum(-1, keepdim=True))
