@@ -84,12 +84,17 @@ def _softmax_(s: torch.Tensor) -> torch.Tensor:
 def _row0_probs(q, k, key_bias, scale: float, causal: bool) -> torch.Tensor:
     """P[:, h, 0, :] (B, H, Nk) in float32 (float64 for float64): one softmax row per head."""
     acc = _acc(q.dtype)
-    s = torch.matmul(q[:, :, :1].to(acc), k.to(acc).transpose(-1, -2))[:, :, 0] * scale
+    # a product and a sum rather than a batched matmul, which would first copy a k that is a
+    # view of timm's packed qkv (its (B, H) dims do not merge)
+    s = (k.to(acc) * (q[:, :, 0].to(acc) * scale)[:, :, None, :]).sum(-1)
     if key_bias is not None:
         s = s + key_bias.to(acc)[:, None, :]
     if causal:
         s[:, :, 1:] = _NEG_INF  # query 0 sees key 0 only
-    return _softmax_(s)
+    # torch.softmax gives NaN on a row of -inf: the safe one where key_bias masks a whole row
+    if key_bias is not None and bool(torch.isneginf(key_bias).any()):
+        return _softmax_(s)
+    return torch.softmax(s, -1)
 
 
 def flash_attention_forward(q, k, v, key_bias, scale: float, causal: bool, want_cls: bool):
