@@ -123,7 +123,11 @@ def time_ms(fn: Callable[[], object], device: str, quick: bool, grad_to_none=Non
     import torch.utils.benchmark as tb
 
     fn()  # warm-up (JIT compiles, caches)
-    m = tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(
+    # Timer runs the statement on ONE thread unless told otherwise (whatever
+    # torch.set_num_threads says), while numba kernels use their own pool on every core: give
+    # both sides of a ratio the same threads.
+    m = tb.Timer(stmt="fn()", globals={"fn": fn},
+                 num_threads=torch.get_num_threads()).blocked_autorange(
         min_run_time=0.2 if quick else 1.0)
     return m.median * 1e3
 

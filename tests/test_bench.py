@@ -80,3 +80,16 @@ def test_every_registered_op_builds_its_cases_on_cpu():
         assert cases, op
         for c in cases:
             assert "eager" in c.impls
+
+
+def test_cpu_timing_runs_on_the_threads_torch_is_set_to():
+    # torch.utils.benchmark.Timer defaults to one thread: a PyTorch baseline timed that way
+    # ran on 1 core while the numba kernels used all of them (ratios inflated up to 2x).
+    old = torch.get_num_threads()
+    seen = []
+    try:
+        torch.set_num_threads(2)
+        harness.time_ms(lambda: seen.append(torch.get_num_threads()), "cpu", quick=True)
+    finally:
+        torch.set_num_threads(old)
+    assert seen and set(seen) == {2}

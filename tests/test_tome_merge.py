@@ -268,3 +268,28 @@ def test_vit_shapes_gpu(backend, dtype, B, N, width, r):
     # the benchmark's shapes; a float32 metric (many tokens: bfloat16 metric values would tie)
     _check("cuda", backend, dtype, B, N, r, True, False, with_size=True,
            metric_dtype=torch.float32, x_width=width)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # 0/0 on purpose
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_inf_nan_sizes_follow_the_definition(device, backend, dtype):
+    # size·x / size: a token of size 0 (or ±Inf, NaN) gives NaN, merged or alone in its slot,
+    # on every backend as in the definition (the cpu merge used to copy x for a lone token)
+    if backend == "cuda" and dtype == torch.float64:
+        pytest.skip("the cuda merge takes 16/32-bit floats")
+    B, N = 2, 13
+    x = torch.randn(B, N, 4, dtype=dtype)
+    metric = torch.randn(B, N, 6, dtype=dtype)
+    size = 0.5 + torch.rand(B, N, 1, dtype=dtype)
+    size[0, :4] = 0.0
+    size[1, 5] = float("inf")
+    size[1, 8] = float("-inf")
+    size[1, 9] = float("nan")
+    size[1, 10] = 0.0
+    with xo.backend(backend):
+        out, size_out = xo.tome_merge(x.to(device), metric.to(device), 3, size=size.to(device))
+    r_out, r_size = ref.tome_merge(x.double(), metric, 3, size.double())
+    assert torch.isnan(r_out).any()  # the case at hand
+    assert_close_to_reference(out, r_out, name="x_out")
+    assert_close_to_reference(size_out, r_size, name="size_out")

@@ -231,14 +231,36 @@ def _gemm_epilogue(acc: torch.Tensor, a_scale, b_scale, bias, out_dtype, gelu):
     return out if out_dtype == torch.float32 else out.to(out_dtype)
 
 
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """t (R, K), K >= 2, as a matrix whose strides say "row-major" unambiguously: (s, 1), s >= K.
+
+    torch._int_mm on the CPU (oneDNN) tells row- from column-major by the strides alone, and
+    reads a matrix whose strides are both 1 (a (1, K) row taken as a transposed column, say)
+    the wrong way round: garbage, not an error. Anything else it might misread is copied too.
+    """
+    R, K = t.shape
+    if t.stride(1) == 1 and t.stride(0) >= K:
+        return t
+    return torch.empty_strided((R, K), (K, 1), dtype=t.dtype).copy_(t)
+
+
+def _accumulate(a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
+    """a_q (M, K) int8 @ b_q (N, K) int8 ᵀ -> (M, N) int32, exact and contiguous."""
+    if a_q.shape[1] == 1:
+        # K == 1: an outer product. _int_mm misreads the (1, N) right operand, whose strides
+        # are (1, 1) whatever b_q's are, and there is no layout of it that says otherwise
+        return a_q.to(torch.int32) * b_q.to(torch.int32).t()
+    return torch._int_mm(_row_major(a_q), _row_major(b_q).t()).contiguous()
+
+
 def int8_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype, gelu):
     """(M, K) int8, (N, K) int8, (M, 1), (N,), (N,) | None -> (M, N) out_dtype."""
-    acc = torch._int_mm(a_q, b_q.t()).contiguous()  # exact int32, (M, N)
+    acc = _accumulate(a_q, b_q)
     return _gemm_epilogue(acc, a_scale, b_scale, bias, out_dtype, gelu)
 
 
 def int8_linear(x, w_q, w_scale, bias, gelu):
     """x (M, K) float32 -> (M, N) float32: numba quantization, _int_mm, numba epilogue."""
     x_q, x_scale = quantize_per_token(x)
-    acc = torch._int_mm(x_q, w_q.t()).contiguous()
+    acc = _accumulate(x_q, w_q)
     return _gemm_epilogue(acc, x_scale, w_scale, bias, x.dtype, gelu)

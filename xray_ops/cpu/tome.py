@@ -4,7 +4,7 @@ Parallel over the batch. Matching per row: cosine scores (a·b) / (‖a‖‖b�
 products accumulate in the metric's dtype, float32 or float64, vectorised over the channels),
 the first argmax with NaN as +inf, a stable descending argsort of the best scores, then ToMe's
 output order and the CSR grouping in O(N). Merge: each output slot sums size·x over its group
-in float64 (a slot of one token is a copy); backward: each input token reads its slot.
+in float64 (a slot of one token of size 1 is a copy); backward: each input token reads its slot.
 
 On a CPU shared with other processes, numba's OpenMP threading layer spin-waits between parallel
 regions and loses its core's time slices: on the shared 2-core development machine the ViT-B
@@ -117,7 +117,7 @@ def _match(metric, r, class_token, distill_token, unm, src, dst, dest, slot_src,
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, error_model="numpy")
-def _merge_forward(x, size, has_size, slot_src, slot_start, out, size_out):
+def _merge_forward(x, size, has_size, exact_products, slot_src, slot_start, out, size_out):
     B, N, C = x.shape
     n_out = out.shape[1]
     for b in numba.prange(B):
@@ -126,12 +126,16 @@ def _merge_forward(x, size, has_size, slot_src, slot_start, out, size_out):
             st = slot_start[b, o]
             en = slot_start[b, o + 1]
             if en - st == 1:
-                # one token: (size·x) / size is x itself
                 p = slot_src[b, st]
-                for c in range(C):
-                    out[b, o, c] = x[b, p, c]
-                size_out[b, o, 0] = size[b, p, 0] if has_size else 1.0
-                continue
+                s = np.float64(size[b, p, 0]) if has_size else 1.0
+                # one token: (size·x) / size is x itself when size is 1, or when it is finite
+                # and non-zero and size·x is exact in float64 (float32 x and size); otherwise
+                # (size 0, ±Inf, NaN) compute it as the definition does: 0·x / 0 is NaN
+                if s == 1.0 or (exact_products and s != 0.0 and abs(s) < np.inf):
+                    for c in range(C):
+                        out[b, o, c] = x[b, p, c]
+                    size_out[b, o, 0] = s
+                    continue
             acc[:] = 0.0
             total = 0.0
             for t in range(st, en):
@@ -212,8 +216,8 @@ def tome_merge_forward(x: torch.Tensor, size, dest, slot_src, slot_start):
     if B and n_out:
         s = _npc(size) if size is not None else np.ones((1, 1, 1), dtype=out.numpy().dtype)
         with _chunks():
-            _merge_forward(_np(x), s, size is not None, _npc(slot_src), _npc(slot_start),
-                           out.numpy(), size_out.numpy())
+            _merge_forward(_np(x), s, size is not None, x.dtype == torch.float32,
+                           _npc(slot_src), _npc(slot_start), out.numpy(), size_out.numpy())
     return out, size_out
 
 
