@@ -119,7 +119,7 @@ class TimmViTPatch(nn.Module):
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
-        if self.attn_pool is None and pool_type == "avg":
+        if getattr(self, "attn_pool", None) is None and pool_type == "avg":
             start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
             return size_weighted_mean(x, self._xo_state.size, start)
         return super().pool(x, pool_type)
@@ -188,6 +188,13 @@ def _check_model(model, attention: bool, reduces: bool):
             raise TypeError(f"model: this timm VisionTransformer lacks {missing}, which the "
                             f"token-reduction forward calls; timm >= 0.9 is supported")
     return blocks
+
+
+def _missing_attention_attrs(attn) -> dict:
+    """Attributes of timm 1.0's Attention that older timm versions lack (no gate, no scale
+    norm): the patched forward reads them, unpatch removes them again."""
+    defaults = {"gate": None, "norm": nn.Identity(), "attn_dim": attn.num_heads * attn.head_dim}
+    return {k: v for k, v in defaults.items() if not hasattr(attn, k)}
 
 
 def _prefix(model):
@@ -277,7 +284,8 @@ def patch_timm(model: nn.Module, *, attention: bool = True, evit: Optional[EViTC
     state = PatchState("timm", attention, tome, evit, int8_cfg, prefix, class_token, distill)
     if attention:
         for blk in blocks:
-            _state.swap_class(state, blk.attn, TimmAttentionPatch)
+            _state.swap_class(state, blk.attn, TimmAttentionPatch,
+                              _missing_attention_attrs(blk.attn))
     if reduces:
         rs = tome.schedule(depth) if tome is not None else [0] * depth
         locations = set(evit.locations) if evit is not None else set()
