@@ -332,3 +332,37 @@ def test_masks_with_token_reduction_are_refused():
     model = xo.patch.timm(_vit(), tome=xo.ToMeConfig(r=2))
     with pytest.raises(ValueError, match="attn_mask"):
         model(_images(model), attn_mask=torch.ones(10, 10, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU (not yet run on a GPU): the same checks on the Triton / CUDA kernels
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_attention_only_matches_timm(dtype):
+    model = _vit("vit_small_patch16_224", init_values=1e-1, qk_norm=True, depth=3, img_size=224)
+    images = _images(model)
+    y64, g64 = _grads(copy.deepcopy(model).double(), images.double())
+    base = copy.deepcopy(model).cuda().to(dtype)
+    y_lo, g_lo = _grads(base, images.cuda().to(dtype))
+    patched = xo.patch.timm(copy.deepcopy(model).cuda().to(dtype))
+    y, g = _grads(patched, images.cuda().to(dtype))
+    assert xo.last_backend("flash_attention") in ("triton", "cuda")
+    assert_close_to_reference(y.cpu(), y64, y_lo.cpu(), name="output")
+    for name in ("input", "blocks.0.attn.qkv.weight", "blocks.2.attn.q_norm.weight"):
+        assert_close_to_reference(g[name].cpu(), g64[name], g_lo[name].cpu(), name=name)
+
+
+@pytest.mark.gpu
+def test_gpu_token_reduction_matches_reference_and_compiles():
+    model = _vit(depth=4, img_size=224, init_values=1e-1, reg_tokens=2).cuda()
+    images = _images(model).cuda()
+    evit = (0.7, (1, 3), True)
+    patched = xo.patch.timm(copy.deepcopy(model), tome=xo.ToMeConfig(r=8),
+                            evit=xo.EViTConfig(*evit))
+    with torch.no_grad():
+        want = ref.timm_forward(model, images, rs=[8] * 4, evit=evit)
+        got = patched(images)
+        compiled = torch.compile(patched, fullgraph=True)(images)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled, got, rtol=1e-4, atol=1e-4)

@@ -327,7 +327,7 @@ def _short(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
 
 
-def _prepare(spec, name, base, device, dtype, mode):
+def _prepare(spec, name, base, device, mode):
     """The model of one variant in one mode, or the reason it does not run."""
     if mode == "train" and name in INFER_ONLY:
         return None, "int8 is inference only"
@@ -339,84 +339,99 @@ def _prepare(spec, name, base, device, dtype, mode):
 
 
 def run_model(spec: ModelSpec, device: str, dtype: torch.dtype, quick: bool, rounds: int,
-              only: Optional[list[str]] = None, progress=print) -> list[Row]:
+              only: Optional[list[str]] = None, progress=print,
+              sink: Optional[Callable[[list[Row]], None]] = None) -> list[Row]:
+    """Every variant of one model, inference then training; ``sink`` gets each mode's rows as
+    soon as they are measured (so a run cut short keeps them)."""
     dt = str(dtype).replace("torch.", "")
     names = [n for n in variant_names(spec) if only is None or n in only or n == BASELINE]
     if quick and device == "cuda":  # the GPU goals' rows (compiling ViT-L takes minutes)
         names = [n for n in names if n in ("eager", "xray-attn", "xray-tome8-evit-int8",
                                            "xray-tome8", "xray-evit", "xray-int8")]
     rows: list[Row] = []
-    if spec.skip:
-        return [Row(spec.key, n, m, spec.batch[m], dt, note=spec.skip) for n in names
-                for m in MODES]
-    torch.manual_seed(0)
     for mode in MODES:
-        B = spec.batch[mode]
-        base = spec.make().to(device)
-        if mode == "infer":
-            base = base.to(dtype).eval().requires_grad_(False)
+        if spec.skip:
+            mode_rows = [Row(spec.key, n, mode, spec.batch[mode], dt, note=spec.skip)
+                         for n in names]
         else:
-            base = base.train()
-        images, other = make_inputs(spec, B, device, dtype if mode == "infer" else torch.float32)
-        # agreement on a separate batch, measured once (inference); training rows copy it
-        ref_images, ref_other = make_inputs(spec, min(B, 8), device, dtype, seed=1)
-        if mode == "infer":
-            with torch.no_grad():
-                ref_out = infer_fn(spec, base)(ref_images, ref_other).float()
-        fns, out_rows = {}, {}
-        for name in names:
-            row = Row(spec.key, name, mode, B, dt)
-            out_rows[name] = row
-            m, why = _prepare(spec, name, base, device, dtype, mode)
-            if m is None:
-                row.note = why
-                continue
-            try:
-                if mode == "infer":
-                    with torch.no_grad():
-                        out = infer_fn(spec, m)(ref_images, ref_other)
-                    row.cosine, row.cosine_min = agreement(out, ref_out)
-                    call = infer_fn(spec, m)
-
-                    def fn(call=call):
-                        with torch.inference_mode():
-                            return call(images, other)
-                else:
-                    step = train_fn(spec, m, device)
-                    fn = (lambda step=step: step(images, other))  # noqa: E731
-                fn()  # warm up (compiles, autotunes, JITs)
-                fns[name] = (m, fn)
-            except Exception as e:
-                row.note = _short(e)
-        per_round: dict[str, list[float]] = {n: [] for n in fns}
-        for rnd in range(rounds):
-            for name, (_, fn) in fns.items():
-                try:
-                    per_round[name].append(harness.time_ms(fn, device, quick))
-                except Exception as e:
-                    out_rows[name].note = _short(e)
-            progress(f"  {spec.key} {mode} round {rnd + 1}/{rounds}: " + ", ".join(
-                f"{n} {v[-1]:.1f} ms" for n, v in per_round.items() if v))
-        base_ms = per_round.get(BASELINE, [])
-        for name, times in per_round.items():
-            row = out_rows[name]
-            if not times:
-                continue
-            row.ms = statistics.median(times)
-            row.samples_per_s = B / row.ms * 1e3
-            if len(base_ms) == len(times):
-                row.speedup = statistics.median(b / t for b, t in zip(base_ms, times))
-            try:
-                row.peak_mb = peak_memory_mb(fns[name][1], fns[name][0], device)
-            except Exception as e:
-                row.note = (row.note + "; " if row.note else "") + f"memory: {_short(e)}"
-        rows += list(out_rows.values())
-        del fns, base
-    infer = {r.variant: r for r in rows if r.mode == "infer"}
-    for r in rows:
-        if r.mode == "train" and r.variant in infer:
-            r.cosine, r.cosine_min = infer[r.variant].cosine, infer[r.variant].cosine_min
+            torch.manual_seed(0)
+            mode_rows = _measure_mode(spec, names, mode, device, dtype, quick, rounds, progress)
+        # the forward is the same in both modes: training rows show the inference agreement
+        infer = {r.variant: r for r in rows if r.mode == "infer"}
+        for r in mode_rows:
+            if r.mode == "train" and r.variant in infer:
+                r.cosine, r.cosine_min = infer[r.variant].cosine, infer[r.variant].cosine_min
+        rows += mode_rows
+        if sink is not None:
+            sink(mode_rows)
     return rows
+
+
+def _callable(spec, m, mode, device, images, other):
+    if mode == "infer":
+        call = infer_fn(spec, m)
+
+        def fn():
+            with torch.inference_mode():
+                return call(images, other)
+
+        return fn
+    step = train_fn(spec, m, device)
+    return lambda: step(images, other)
+
+
+def _measure_mode(spec, names, mode, device, dtype, quick, rounds, progress) -> list[Row]:
+    dt = str(dtype).replace("torch.", "")
+    B = spec.batch[mode]
+    base = spec.make().to(device)
+    base = base.to(dtype).eval().requires_grad_(False) if mode == "infer" else base.train()
+    images, other = make_inputs(spec, B, device, dtype if mode == "infer" else torch.float32)
+    # agreement on a separate batch, measured in inference
+    ref_images, ref_other = make_inputs(spec, min(B, 8), device, dtype, seed=1)
+    ref_out = None
+    if mode == "infer":
+        with torch.no_grad():
+            ref_out = infer_fn(spec, base)(ref_images, ref_other).float()
+    fns, rows = {}, {}
+    for name in names:
+        row = rows[name] = Row(spec.key, name, mode, B, dt)
+        m, why = _prepare(spec, name, base, device, mode)
+        if m is None:
+            row.note = why
+            continue
+        try:
+            if ref_out is not None:
+                with torch.no_grad():
+                    out = infer_fn(spec, m)(ref_images, ref_other)
+                row.cosine, row.cosine_min = agreement(out, ref_out)
+            fn = _callable(spec, m, mode, device, images, other)
+            fn()  # warm up (compiles, autotunes, JITs)
+            fns[name] = (m, fn)
+        except Exception as e:  # one failing variant must not stop the others
+            row.note = _short(e)
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    for rnd in range(rounds):  # interleaved: a load spike hits every variant of the round
+        for name, (_, fn) in fns.items():
+            try:
+                times[name].append(harness.time_ms(fn, device, quick))
+            except Exception as e:
+                rows[name].note = _short(e)
+        progress(f"  {spec.key} {mode} round {rnd + 1}/{rounds}: " + ", ".join(
+            f"{n} {v[-1]:.1f} ms" for n, v in times.items() if v))
+    base_ms = times.get(BASELINE, [])
+    for name, ts in times.items():
+        row = rows[name]
+        if not ts:
+            continue
+        row.ms = statistics.median(ts)
+        row.samples_per_s = B / row.ms * 1e3
+        if len(base_ms) == len(ts):
+            row.speedup = statistics.median(b / t for b, t in zip(base_ms, ts))
+        try:
+            row.peak_mb = peak_memory_mb(fns[name][1], fns[name][0], device)
+        except Exception as e:
+            row.note = (row.note + "; " if row.note else "") + f"memory: {_short(e)}"
+    return list(rows.values())
 
 
 def append_csv(rows: list[Row], device: str, path: Optional[str] = None) -> str:
@@ -510,11 +525,9 @@ def run(device: str, dtype: torch.dtype, quick: bool, *, models: Optional[list[s
     for spec in specs:
         print(f"{spec.key}: {'skipped: ' + spec.skip if spec.skip else 'measuring'}",
               file=sys.stderr)
-        model_rows = run_model(spec, device, dtype, quick, rounds, only,
-                               progress=lambda s: print(s, file=sys.stderr))
-        rows += model_rows
-        if write_csv:  # after each model, so a timeout keeps what was measured
-            append_csv(model_rows, device, csv_file)
+        sink = (lambda mode_rows: append_csv(mode_rows, device, csv_file)) if write_csv else None
+        rows += run_model(spec, device, dtype, quick, rounds, only,
+                          progress=lambda s: print(s, file=sys.stderr), sink=sink)
     threads = "" if device == "cuda" else f", {torch.get_num_threads()} threads"
     print(f"device: {harness.device_name(device)}{threads}  torch {torch.__version__}  "
           f"commit {harness.commit()}  rounds {rounds}")
