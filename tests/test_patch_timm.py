@@ -4,6 +4,7 @@ is correct; gradients, grad checkpointing, torch.compile, int8, state_dict, prin
 and the errors. Tiny configs (depth 2-4, 48-64 px images, pretrained=False)."""
 
 import copy
+import io
 
 import pytest
 import torch
@@ -286,6 +287,13 @@ def test_state_dict_print_and_unpatch_restores_the_forward_bitwise():
     text = repr(model)
     assert "XrayVisionTransformer" in text and "XrayAttention" in text and "tome r=2" in text
     assert "EViTSelect" in text
+    patched_out = model(images)
+    buf = io.BytesIO()  # the patched classes are made at run time: pickling still works
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert torch.equal(loaded(images), patched_out)
+    assert loaded.blocks[0]._xo_state is xo.patch.state(loaded)
     xo.patch.unpatch(model)
     assert type(model).__name__ == "VisionTransformer" and "Xray" not in repr(model)
     assert list(model.state_dict()) == keys

@@ -94,10 +94,21 @@ def patched_class(mixin: type, base: type) -> type:
     key = (mixin, base)
     if key not in _SUBCLASSES:
         name = f"Xray{base.__name__}"
-        _SUBCLASSES[key] = type(name, (mixin, base), {"_xo_base": base,
+        _SUBCLASSES[key] = type(name, (mixin, base), {"_xo_base": base, "_xo_mixin": mixin,
                                                       "__doc__": mixin.__doc__,
-                                                      "__module__": mixin.__module__})
+                                                      "__module__": mixin.__module__,
+                                                      "__reduce_ex__": _reduce_ex})
     return _SUBCLASSES[key]
+
+
+def _reduce_ex(self, protocol):
+    # the subclass is made at run time, so pickle (torch.save, deepcopy) names it by its parts
+    return _rebuild, (type(self)._xo_mixin, type(self)._xo_base), self.__dict__
+
+
+def _rebuild(mixin: type, base: type):
+    cls = patched_class(mixin, base)
+    return cls.__new__(cls)
 
 
 def swap_class(state: PatchState, module: nn.Module, mixin: type,
