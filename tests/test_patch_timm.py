@@ -230,6 +230,16 @@ def test_grad_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(g1[name], g0[name], msg=name)
 
 
+def test_training_under_bf16_autocast_runs_every_patched_piece():
+    """Autocast hands the attention bf16 while the residual stream stays fp32."""
+    model = _vit(depth=2, init_values=1e-1).train()
+    patched = xo.patch.timm(model, tome=xo.ToMeConfig(r=2), evit=xo.EViTConfig(0.7, (1,)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = patched(_images(model)).float().logsumexp(-1).mean()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in patched.parameters())
+
+
 def test_evit_schedule_follows_set_step_in_training():
     model = _vit(depth=3, img_size=64)
     patched = xo.patch.timm(model, evit=xo.EViTConfig(0.5, (1,), warmup_steps=2,

@@ -57,7 +57,8 @@ def evit_step(state: PatchState, x: torch.Tensor, cls_attn: torch.Tensor, keep_r
     if keep >= n_patch:  # EViT leaves the tokens as they are
         return x, size, source, metric
     lead = P - 1  # the view starts at the last prefix token: its row passes through unchanged
-    attn = cls_attn[:, P:]
+    # under autocast the attention (and so cls_attn) may be bf16 while the residual is fp32
+    attn = cls_attn[:, P:].to(x.dtype)
     x_out, keep_idx = evit_select(x[:, lead:], attn, keep, fuse=fuse)
     if lead:
         x_out = torch.cat([x[:, :lead], x_out], dim=1)
