@@ -7,7 +7,8 @@ only when nvcc and a CUDA build of torch are present; otherwise the build warns 
 Build contract (environment variables):
   XRAY_OPS_SKIP_CUDA_BUILD=1   never build csrc/
   XRAY_OPS_FORCE_CUDA_BUILD=1  build csrc/ even when the checks below would skip it (fail loudly)
-  XRAY_OPS_CUDA_ARCHS          ";"-separated compute capabilities, default "80;90"; 90 builds sm_90a
+  XRAY_OPS_CUDA_ARCHS          ";"-separated compute capabilities, default "80;90"; 90 builds sm_90a;
+                               PTX for the newest is embedded too (newer GPUs JIT-compile it)
   MAX_JOBS                     parallel compile jobs (default: from cores and free memory)
   CUDA_HOME                    the toolkit; found from nvcc when unset (see _resolve_cuda_home)
 """
@@ -80,19 +81,31 @@ def _pip_cuda_include_dirs(cuda_home: str | None) -> list[str]:
 
 
 def _gencode_flags(archs: str) -> tuple[list[str], str]:
-    flags, names = [], []
+    """nvcc -gencode flags and the target names the extension records (``_C.cuda_archs()``).
+
+    One cubin per listed arch, plus PTX for the newest, so GPUs newer than every listed arch
+    JIT-compile it instead of failing with "no kernel image" (the cuda backend's reasons
+    compare a device with these names: xray_ops/_ext.py). The PTX is the portable compute_XY,
+    never an arch-specific compute_XYa, which runs on that one arch only.
+    """
+    flags, names, numbers = [], [], []
     for a in archs.replace(",", ";").split(";"):
         a = a.strip().replace(".", "")
         if not a:
             continue
         if not a.isdigit():
             raise ValueError(f"XRAY_OPS_CUDA_ARCHS: expected numbers like '80;90', got {archs!r}")
+        numbers.append(int(a))
         if a == "90":  # Hopper: the 'a' variant unlocks wgmma / setmaxnreg
             flags += ["-gencode", "arch=compute_90a,code=sm_90a"]
             names.append("sm_90a")
         else:
             flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
             names.append(f"sm_{a}")
+    if numbers:
+        newest = max(numbers)
+        flags += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
+        names.append(f"compute_{newest}")
     return flags, ";".join(names)
 
 

@@ -6,13 +6,16 @@ import torch
 
 import xray_ops as xo
 from xray_ops import _dispatch, _ext
-from xray_ops.ops import attention as ops_attn
+from xray_ops.ops import attention_backends as attn_backends
 from xray_ops.reference import attention as ref
 from xray_ops.testing import assert_close_to_reference
 
 from .matrix import device_backend_dtypes
 
-CPU_BACKENDS = ("torch", "triton")
+CPU_BACKENDS = ("torch", "triton", "cpu")
+# what last_backend reports after a call with return_cls_attn=True, where it is not the backend
+REPORTED_FORWARD = {"cuda": "cuda+triton"}
+REPORTED_BACKWARD = {"cuda": "triton"}
 
 # (B, H, Nq, Nk, D, causal, key_bias). Under the interpreter every program runs in Python, so
 # the long sequences use B·H = 1; GPU-only cases below add bf16, big B·H and ViT shapes.
@@ -29,9 +32,11 @@ CPU_SHAPES = [
     (3, 4, 20, 20, 64, False, True),  # B·H = 12
 ]
 # the CPU matrix; the GPU has its own shapes below. Layout tests also run Triton on the GPU.
-CASES = device_backend_dtypes(cpu=CPU_BACKENDS, gpu=())
+# the cpu backend (PyTorch's CPU flash kernel) also runs bfloat16 (no interpreter involved)
+CPU_BF16 = device_backend_dtypes(cpu=("cpu",), gpu=(), cpu_dtypes=(torch.bfloat16,))
+CASES = device_backend_dtypes(cpu=CPU_BACKENDS, gpu=()) + CPU_BF16
 LAYOUT_CASES = device_backend_dtypes(cpu=CPU_BACKENDS, gpu=("triton",),
-                                     gpu_dtypes=(torch.bfloat16,))
+                                     gpu_dtypes=(torch.bfloat16,)) + CPU_BF16
 
 
 def _inputs(B, H, Nq, Nk, D, bias, dtype, device):
@@ -78,8 +83,9 @@ def check_against_reference(backend, q, k, v, kb, causal, *, scale=None, grads=N
         got = torch.autograd.grad([out, cls, lse], wrt,
                                   [g.to(device=out.device, dtype=t.dtype)
                                    for g, t in zip(grads, (out, cls, lse))])
-    assert xo.last_backend("flash_attention") == backend
-    assert xo.last_backend("flash_attention.backward") == backend
+    # the cuda backend's CLS row and backward are the Triton kernels: last_backend says so
+    assert xo.last_backend("flash_attention") == REPORTED_FORWARD.get(backend, backend)
+    assert xo.last_backend("flash_attention.backward") == REPORTED_BACKWARD.get(backend, backend)
     B, H, Nq, _ = q.shape
     assert out.shape == (B, H, Nq, D) and out.dtype == q.dtype
     assert cls.shape == (B, k.shape[2]) and cls.dtype == q.dtype
@@ -251,7 +257,7 @@ def test_qkvpacked_reads_the_packed_tensor_in_place():
 
     def spy(q, k, v, *rest):
         seen.append((q.data_ptr(), k.data_ptr(), v.data_ptr(), q.is_contiguous()))
-        return ops_attn._torch_forward(q, k, v, *rest)
+        return attn_backends._torch_forward(q, k, v, *rest)
 
     impl = _dispatch._IMPLS["flash_attention"]["torch"]
     _dispatch._IMPLS["flash_attention"]["torch"] = _dispatch.Impl(
@@ -445,28 +451,37 @@ def test_forced_backend_that_cannot_take_inputs_lists_reasons():
             xo.flash_attention(q.double(), k.double(), v.double())
 
 
-def test_cuda_check_gives_reasons_without_crashing(monkeypatch):
-    """The cuda Impl's own check: no flash_attention_forward in the built extension, head dims,
-    last-dim strides (its dtype and device limits are declared fields, tested above)."""
+def test_cuda_reasons_without_crashing(monkeypatch):
+    """The cuda Impl's runtime (an extension built without csrc/flash_attn) and its own
+    check (head dims, last-dim strides); its dtype and device limits are declared fields."""
     class NoAttention:  # an extension built without csrc/flash_attn
-        pass
+        __file__ = "_C.so"
+
+        @staticmethod
+        def cuda_archs():
+            return "sm_80;sm_90a;compute_90"
 
     monkeypatch.setattr(_ext, "load", lambda: NoAttention())
+    impl = _dispatch._IMPLS["flash_attention"]["cuda"]
+    assert any("no flash_attention_forward" in r
+               for r in impl.runtime.reasons(torch.device("cuda", 0), False))
     q = torch.randn(1, 2, 5, 48)
-    args = (q, q, q.transpose(-1, -2).contiguous().transpose(-1, -2), None, 1.0, False, True)
-    reasons = " ".join(ops_attn._cuda_check(*args))
-    assert "no flash_attention_forward" in reasons
+    inputs = dict(q=q, k=q, v=q.transpose(-1, -2).contiguous().transpose(-1, -2), key_bias=None,
+                  scale=1.0, causal=False, want_cls=True)
+    reasons = " ".join(attn_backends.cuda_forward_check(
+        _dispatch._as_inputs(_dispatch._SPECS["flash_attention"], inputs, False)))
     assert "head dim 48 not supported" in reasons
     assert "v needs stride(-1) == 1" in reasons
-    impl = _dispatch._IMPLS["flash_attention"]["cuda"]
     assert torch.float32 not in impl.dtypes and torch.bfloat16 in impl.dtypes
-    assert impl.backward is not None  # the Triton backward
+    assert impl.backward is not None and impl.reports(None, backward=True) == "triton"
 
 
-def test_auto_picks_torch_on_cpu():
-    q, k, v, _ = _inputs(1, 2, 5, 5, 32, False, torch.float32, "cpu")
-    xo.flash_attention(q, k, v)
-    assert xo.last_backend("flash_attention") == "torch"
+def test_auto_picks_cpu_on_cpu():
+    for dtype, picked in ((torch.float32, "cpu"), (torch.float16, "cpu"),
+                          (torch.bfloat16, "cpu"), (torch.float64, "torch")):
+        q, k, v, _ = _inputs(1, 2, 5, 5, 32, False, dtype, "cpu")
+        xo.flash_attention(q, k, v)
+        assert xo.last_backend("flash_attention") == picked
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -482,8 +497,8 @@ def test_opcheck(backend):
     out, _, lse = op(q, k, v, kb, 0.25, False, True, True, backend)
     torch.library.opcheck(torch.ops.xray_ops.flash_attention_backward.default,
                           (torch.randn_like(out), torch.randn(1, 7), torch.randn_like(lse),
-                           q.detach(), k.detach(), v.detach(), kb.detach(), out.detach(),
-                           lse.detach(), 0.25, False, backend))
+                           q.detach(), k.detach(), v.detach(), kb.detach(), True,
+                           out.detach(), lse.detach(), 0.25, False, backend))
 
 
 def test_torch_compile_fullgraph_block_with_key_bias_and_cls_attn():

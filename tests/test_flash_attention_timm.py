@@ -30,7 +30,7 @@ def _block_grads(block, x):
     return y, dict(zip(["x"] + names, grads))
 
 
-@pytest.mark.parametrize("backend,N", [("torch", 197), ("triton", 17)])
+@pytest.mark.parametrize("backend,N", [("torch", 197), ("triton", 17), ("cpu", 197)])
 def test_vit_b_block_with_swapped_attention_matches_timm(backend, N):
     """timm's block in float64 is the reference; timm's block in float32 the error budget."""
     block = _vit_b_block()

@@ -10,8 +10,9 @@ from xray_ops.testing import assert_close_to_reference
 
 from .matrix import device_backend_dtypes
 
-CASES = device_backend_dtypes(cpu=("torch", "triton"), gpu=("triton",),
+CASES = device_backend_dtypes(cpu=("torch", "triton", "cpu"), gpu=("triton",),
                               gpu_dtypes=(torch.bfloat16, torch.float16))
+CASES += device_backend_dtypes(cpu=("cpu",), gpu=(), cpu_dtypes=(torch.bfloat16,))
 
 
 @pytest.fixture(autouse=True)
@@ -77,11 +78,12 @@ def test_varlen_equals_dense_per_sample():
     H, D = 2, 32
     q, k, v = (torch.randn(sum(lens), H, D) for _ in range(3))
     cu = _cu(lens, "cpu")
-    with xo.backend("triton"):
-        out = xo.flash_attention_varlen(q, k, v, cu, cu, 9, 9)
-        for (a, b) in ((0, 4), (4, 13)):
-            dense = xo.flash_attention(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)))
-            torch.testing.assert_close(out[a:b], dense[0].transpose(0, 1))
+    for backend in ("triton", "cpu"):
+        with xo.backend(backend):
+            out = xo.flash_attention_varlen(q, k, v, cu, cu, 9, 9)
+            for (a, b) in ((0, 4), (4, 13)):
+                dense = xo.flash_attention(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)))
+                torch.testing.assert_close(out[a:b], dense[0].transpose(0, 1))
 
 
 def test_varlen_bad_inputs():
@@ -113,7 +115,7 @@ def test_varlen_opcheck():
     q, k, v = (torch.randn(9, 2, 16, requires_grad=True) for _ in range(3))
     kb = torch.randn(9, requires_grad=True)
     cu = torch.tensor([0, 3, 9], dtype=torch.int32)
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "triton", "cpu"):
         torch.library.opcheck(torch.ops.xray_ops.flash_attention_varlen.default,
                               (q, k, v, cu, cu, 6, 6, kb, 0.25, True, True, True, backend))
 

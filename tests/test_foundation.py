@@ -141,8 +141,7 @@ def test_no_backend_error_lists_every_reason():
         _dispatch.select("evit_select", "cuda", (x, a, 2, True))
     # auto never runs the Triton interpreter; forced, it may (when TRITON_INTERPRET=1)
     assert any("auto" in r or "TRITON_INTERPRET" in r
-               for r in _dispatch._reasons(_dispatch._IMPLS["evit_select"]["triton"],
-                                           (x, a, 2, True), auto=True, backward=False))
+               for r in _dispatch.reasons_for("evit_select", (x, a, 2, True), auto=True)["triton"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,6 +191,6 @@ def test_build_contract_environment():
         pytest.skip("no nvcc or CPU-only torch here")
     r = _setup_py(XRAY_OPS_CUDA_ARCHS="80;90", MAX_JOBS="3")
     assert r.returncode == 0, r.stderr
-    assert "for sm_80;sm_90a with MAX_JOBS=3" in r.stderr
+    assert "for sm_80;sm_90a;compute_90 with MAX_JOBS=3" in r.stderr
     r = _setup_py(XRAY_OPS_CUDA_ARCHS="sm80")
     assert r.returncode != 0 and "XRAY_OPS_CUDA_ARCHS: expected numbers" in r.stderr

@@ -6,11 +6,7 @@ from typing import Iterable
 
 import torch
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _dt(d: torch.dtype) -> str:
-    return str(d).replace("torch.", "")
+from ._dtypes import FLOATS as _FLOATS, name as _dt
 
 
 def tensor(t, name: str, *, ndim: int | Iterable[int] | None = None,

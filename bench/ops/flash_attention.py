@@ -1,11 +1,17 @@
 """flash_attention: the Triton (and CUDA) kernels against eager softmax attention, torch.compile
 of it, torch SDPA with each backend forced, FlexAttention, flash-attn and xformers.
 
-Every shape runs three ways: plain attention, with key_bias (ToMe's proportional attention:
-peers get it as an additive (B, 1, 1, N) float mask or a score_mod), and with cls_attn (EViT:
-peers that cannot return the CLS row compute it as one extra softmax row). Peers that cannot
-take a variant, or are not installed, are listed under "not timed" with the reason.
-TFLOP/s count 4·B·H·N²·D for the forward (two matmuls) and 2.5× that for the backward.
+Every shape runs four ways: plain attention, with key_bias (ToMe's proportional attention:
+peers get it as an additive (B, 1, 1, N) float mask or a score_mod), with cls_attn (EViT:
+peers that cannot return the CLS row compute it as one extra softmax row), and with both
+(ToMe and EViT in one model). Peers that cannot take a variant, or are not installed, are
+listed under "not timed" with the reason. TFLOP/s count 4·B·H·N²·D for the forward (two
+matmuls) and 2.5× that for the backward.
+
+On the CPU the rows are: eager (explicit softmax attention, as timm's non-fused path), its
+torch.compile, xray_ops' cpu backend (PyTorch's CPU flash kernel plus the CLS row and the
+key_bias gradient) and torch backend (the float64-capable reference: what ``auto`` ran on CPU
+tensors before the cpu backend), and SDPA (its CPU flash kernel, and math).
 """
 
 from __future__ import annotations
@@ -22,11 +28,12 @@ from ..harness import Case, compiled, xray_backend_impls
 # (B, H, N, D): ViT-B/224, ViT-L/224, ViT-L/384, ViT-H/14, 1025 tokens, video
 GPU_SHAPES = [(256, 12, 197, 64), (128, 16, 197, 64), (64, 16, 577, 64), (32, 16, 257, 80),
               (16, 16, 1025, 64), (4, 16, 4097, 64)]
-CPU_SHAPES = [(4, 4, 197, 64), (2, 4, 577, 32)]
-VARIANTS = ("plain", "bias", "cls")
+CPU_SHAPES = [(8, 6, 197, 64), (4, 4, 197, 64), (2, 4, 577, 32)]
+VARIANTS = ("plain", "bias", "cls", "bias+cls")
 # --quick: ViT-B/224 every way, and one long sequence plain (the issue's two speed goals)
 GPU_QUICK = [((256, 12, 197, 64), VARIANTS), ((16, 16, 1025, 64), ("plain",))]
-CPU_QUICK = [((2, 4, 197, 64), VARIANTS)]
+# ViT-S/224 at batch 8 (B8 H6 N197 D64): the CPU goals (cpu backend vs eager, torch and SDPA)
+CPU_QUICK = [((8, 6, 197, 64), VARIANTS)]
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
                  "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-math": "MATH"}
 
@@ -105,12 +112,12 @@ def _xray(q, k, v, kb=None, *, cls=False):
 def _peers(device: str, variant: str) -> tuple[dict, dict]:
     """Peer implementations for this device and variant, and why the others are not timed."""
     impls, skipped = {}, {}
-    cls = variant == "cls"
+    cls = "cls" in variant
     for name, enum in SDPA_BACKENDS.items():
-        if device == "cpu" and name != "sdpa-math":
-            skipped[name] = "a GPU backend of SDPA (the CPU run times sdpa-math)"
-        elif variant == "bias" and name == "sdpa-flash":
-            skipped[name] = "SDPA's flash backend takes no attn_mask (the key_bias)"
+        if device == "cpu" and name not in ("sdpa-math", "sdpa-flash"):
+            skipped[name] = "a GPU backend of SDPA (the CPU run times sdpa-flash and sdpa-math)"
+        elif "bias" in variant and name == "sdpa-flash" and device == "cuda":
+            skipped[name] = "SDPA's flash backend takes no attn_mask (the key_bias) on the GPU"
         else:
             impls[name] = functools.partial(_sdpa, enum, cls=cls)
     if device == "cpu":
@@ -123,7 +130,7 @@ def _peers(device: str, variant: str) -> tuple[dict, dict]:
             skipped[name] = "GPU-only peer"
         elif importlib.util.find_spec(module) is None:
             skipped[name] = f"{module} is not installed (optional peer)"
-        elif name == "flash-attn" and variant == "bias":
+        elif name == "flash-attn" and "bias" in variant:
             skipped[name] = "flash-attn takes no per-key bias"
         else:
             impls[name] = functools.partial(fn, cls=cls)
@@ -138,7 +145,7 @@ def cases(device: str, dtype: torch.dtype, quick: bool):
     out = []
     for (B, H, N, D), variants in plan:
         for variant in variants:
-            with_bias, cls = variant == "bias", variant == "cls"
+            with_bias, cls = "bias" in variant, "cls" in variant
 
             def make(B=B, H=H, N=N, D=D, with_bias=with_bias):
                 q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype,
@@ -151,14 +158,15 @@ def cases(device: str, dtype: torch.dtype, quick: bool):
             eager_v = functools.partial(eager, cls=cls)
             impls = {"eager": eager_v, "compile": compiled(eager_v)}
             skipped = {}
-            if device == "cuda":
-                sample = make()
-                kb = sample[3] if with_bias else None
-                fast, skipped = xray_backend_impls(
-                    "flash_attention", functools.partial(_xray, cls=cls),
-                    (sample[0], sample[1], sample[2], kb, D ** -0.5, False, cls))
-                impls.update(fast)
-            else:
+            sample = make()
+            kb = sample[3] if with_bias else None
+            # on the CPU the torch backend is timed too: it is what auto ran there before
+            fast, skipped = xray_backend_impls(
+                "flash_attention", functools.partial(_xray, cls=cls),
+                (sample[0], sample[1], sample[2], kb, D ** -0.5, False, cls),
+                skip=("torch",) if device == "cuda" else ("triton",))
+            impls.update(fast)
+            if device == "cpu":
                 skipped["triton"] = "not timed on the CPU (the interpreter is for tests)"
             peers, peer_skips = _peers(device, variant)
             impls.update(peers)

@@ -13,7 +13,7 @@ import math
 import torch
 
 from .. import _dispatch, _validate
-from .._dispatch import Impl, register
+from .._dispatch import FLOATS, GPU_FLOATS, lazy
 from ..reference import evit as ref
 
 OP = "evit_select"
@@ -133,7 +133,7 @@ class EViTConfig:
 def _evit_select_op(x: torch.Tensor, cls_attn: torch.Tensor, keep: int, fuse: bool,
                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     fuse = ref.appends_fused_token(x.shape[1], keep, fuse)
-    return _dispatch.run(OP, backend, (x, cls_attn, keep, fuse))
+    return _dispatch.run(OP, backend, x=x, cls_attn=cls_attn, keep=keep, fuse=fuse)
 
 
 @_evit_select_op.register_fake
@@ -148,7 +148,8 @@ def _evit_select_backward_op(grad_out: torch.Tensor, x: torch.Tensor, cls_attn: 
                              keep: int, fuse: bool,
                              backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     fuse = ref.appends_fused_token(x.shape[1], keep, fuse)
-    return _dispatch.run(OP, backend, (grad_out, x, cls_attn, keep, fuse), backward=True)
+    return _dispatch.run_backward(OP, backend, grad_out=grad_out, x=x, cls_attn=cls_attn,
+                                  keep=keep, fuse=fuse)
 
 
 @_evit_select_backward_op.register_fake
@@ -177,62 +178,27 @@ _evit_select_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------
 # backends
 # ----------------------------------------------------------------------------------------------
-def _check_row_length(x) -> list[str]:
-    n = x.shape[1] - 1
+def _row_limit(inputs) -> list[str]:
+    # the kernels rank a whole row of cls_attn in registers / shared memory
+    n = inputs.x.shape[1] - 1
     return [f"N-1={n} patch tokens exceeds the kernel's limit {MAX_PATCH_TOKENS}"] \
         if n > MAX_PATCH_TOKENS else []
 
 
-def _triton_forward(x, cls_attn, keep, fuse):
-    from ..kernels import evit_select as k
-
-    return k.evit_select_forward(x, cls_attn, keep, fuse)
-
-
-def _triton_backward(grad_out, x, cls_attn, keep, fuse):
-    from ..kernels import evit_select as k
-
-    return k.evit_select_backward(grad_out, x, cls_attn, keep, fuse)
-
-
-def _cuda_forward(x, cls_attn, keep, fuse):
-    from .. import _ext
-
-    return tuple(_ext.get().evit_select_forward(x, cls_attn, keep, fuse))
-
-
-def _cuda_backward(grad_out, x, cls_attn, keep, fuse):
-    from .. import _ext
-
-    return tuple(_ext.get().evit_select_backward(grad_out, x, cls_attn, keep, fuse))
-
-
-def _cpu_forward(x, cls_attn, keep, fuse):
-    from ..cpu import evit_select as k
-
-    return k.evit_select_forward(x, cls_attn, keep, fuse)
-
-
-def _cpu_backward(grad_out, x, cls_attn, keep, fuse):
-    from ..cpu import evit_select as k
-
-    return k.evit_select_backward(grad_out, x, cls_attn, keep, fuse)
-
-
-def _impl(backend, fwd, bwd, devices, dtypes, check_fwd=None):
-    # forward args (x, cls_attn, keep, fuse); backward args (grad_out, x, cls_attn, keep, fuse)
-    def check(*args):
-        return _check_row_length(args[1] if len(args) == 5 else args[0]) if check_fwd else []
-
-    return register(Impl(op=OP, backend=backend, forward=fwd, backward=bwd,
-                         devices=frozenset(devices), dtypes=frozenset(dtypes),
-                         check=check, key_arg=(0, 1)))
-
-
-_F = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_impl("torch", ref.evit_select, ref.evit_select_backward, {"cpu", "cuda"}, _F)
-_impl("triton", _triton_forward, _triton_backward, {"cuda"}, _F, check_fwd=True)
-_impl("cuda", _cuda_forward, _cuda_backward, {"cuda"},
-      (torch.float16, torch.bfloat16, torch.float32), check_fwd=True)
-_impl("cpu", _cpu_forward, _cpu_backward, {"cpu"}, (torch.float32, torch.float64))
-_dispatch.set_priority(OP, ("cuda", "triton", "cpu", "torch"))
+_dispatch.declare(OP, forward=("x", "cls_attn", "keep", "fuse"),
+                  backward=("grad_out", "x", "cls_attn", "keep", "fuse"), key="x",
+                  priority=("cuda", "triton", "cpu", "torch"))
+_dispatch.register(OP, "torch", forward=ref.evit_select, backward=ref.evit_select_backward,
+                   dtypes=FLOATS)
+_KERNEL = "xray_ops.kernels.evit_select"
+_dispatch.register(OP, "triton", forward=lazy(_KERNEL, "evit_select_forward"),
+                   backward=lazy(_KERNEL, "evit_select_backward"),
+                   dtypes=FLOATS, forward_check=_row_limit, backward_check=_row_limit)
+# plain CUDA (warp shuffles, 16-byte vector loads, 16-bit floats through float): Volta on
+_dispatch.register(OP, "cuda", forward=lazy("xray_ops._C", "evit_select_forward"),
+                   backward=lazy("xray_ops._C", "evit_select_backward"), dtypes=GPU_FLOATS,
+                   min_compute_capability=(7, 0), forward_check=_row_limit,
+                   backward_check=_row_limit)
+_dispatch.register(OP, "cpu", forward=lazy("xray_ops.cpu.evit_select", "evit_select_forward"),
+                   backward=lazy("xray_ops.cpu.evit_select", "evit_select_backward"),
+                   dtypes=(torch.float32, torch.float64))

@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 
 from .. import _dispatch, _validate
+from .._dtypes import FLOATS, GPU_FLOATS
 from . import int8_backends  # noqa: F401  (registers the Impls)
 
-_SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_OUT_DTYPES = _FLOATS
+_SCALE_DTYPES = GPU_FLOATS
+_OUT_DTYPES = FLOATS
 # int32 accumulation is exact while K · 128 · 128 < 2**31
 MAX_K = 131071
 ACTIVATIONS = (None, "gelu")
@@ -152,7 +152,7 @@ def int8_matmul(a_q: torch.Tensor, b_q: torch.Tensor, a_scale: torch.Tensor,
     _validate.tensor(b_scale, "b_scale", dtypes=_SCALE_DTYPES)
     _validate.shape(b_scale, "b_scale", (N,), f"(N,) for b_q of shape {tuple(b_q.shape)}")
     if bias is not None:
-        _validate.tensor(bias, "bias", dtypes=_FLOATS)
+        _validate.tensor(bias, "bias", dtypes=FLOATS)
         _validate.shape(bias, "bias", (N,), f"(N,) for b_q of shape {tuple(b_q.shape)}")
     _validate.same_device("a_q", a_q, b_q=b_q, a_scale=a_scale, b_scale=b_scale, bias=bias)
     if out_dtype is None:
@@ -204,7 +204,7 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
     _validate.tensor(w_scale, "w_scale", dtypes=_SCALE_DTYPES)
     _validate.shape(w_scale, "w_scale", (N,), f"(N,) for w_q of shape {tuple(w_q.shape)}")
     if bias is not None:
-        _validate.tensor(bias, "bias", dtypes=_FLOATS)
+        _validate.tensor(bias, "bias", dtypes=FLOATS)
         _validate.shape(bias, "bias", (N,), f"(N,) for w_q of shape {tuple(w_q.shape)}")
     _validate.same_device("x", x, w_q=w_q, w_scale=w_scale, bias=bias)
     act = _activation(activation)
@@ -219,7 +219,7 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
 @torch.library.custom_op("xray_ops::quantize_per_token", mutates_args=())
 def _quantize_per_token_op(x: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     K = x.shape[-1]
-    q, s = _dispatch.run("quantize_per_token", backend, (x.reshape(-1, K),))
+    q, s = _dispatch.run("quantize_per_token", backend, x=x.reshape(-1, K))
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
 
 
@@ -233,7 +233,8 @@ def _(x, backend):
 def _layernorm_quant_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                         eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     C = x.shape[-1]
-    q, s = _dispatch.run("layernorm_quant", backend, (x.reshape(-1, C), weight, bias, eps))
+    q, s = _dispatch.run("layernorm_quant", backend, x=x.reshape(-1, C), weight=weight,
+                         bias=bias, eps=eps)
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
 
 
@@ -247,8 +248,8 @@ def _(x, weight, bias, eps, backend):
 def _int8_matmul_op(a_q: torch.Tensor, b_q: torch.Tensor, a_scale: torch.Tensor,
                     b_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
                     activation: str, backend: str) -> torch.Tensor:
-    return _dispatch.run("int8_matmul", backend,
-                         (a_q, b_q, a_scale, b_scale, bias, out_dtype, activation))
+    return _dispatch.run("int8_matmul", backend, a_q=a_q, b_q=b_q, a_scale=a_scale,
+                         b_scale=b_scale, bias=bias, out_dtype=out_dtype, activation=activation)
 
 
 @_int8_matmul_op.register_fake
@@ -260,7 +261,8 @@ def _(a_q, b_q, a_scale, b_scale, bias, out_dtype, activation, backend):
 def _int8_linear_op(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
                     bias: torch.Tensor | None, activation: str, backend: str) -> torch.Tensor:
     K = x.shape[-1]
-    y = _dispatch.run("int8_linear", backend, (x.reshape(-1, K), w_q, w_scale, bias, activation))
+    y = _dispatch.run("int8_linear", backend, x=x.reshape(-1, K), w_q=w_q, w_scale=w_scale,
+                      bias=bias, activation=activation)
     return y.reshape(*x.shape[:-1], w_q.shape[0])
 
 

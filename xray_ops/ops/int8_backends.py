@@ -12,44 +12,38 @@ from __future__ import annotations
 
 import torch
 
-from .. import _dispatch
-from .._dispatch import Impl, register
+from .._dispatch import FLOATS, GPU_FLOATS, declare, lazy, register
 from ..reference import int8 as ref
 
 # Triton's layernorm_quant keeps a whole row in registers.
 TRITON_MAX_ROW = 16384
 # The CUDA quantize / layernorm_quant kernels keep a row in registers (csrc/int8/int8_quant.cu).
 CUDA_MAX_ROW = 8192
-_HALF_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
-# launchers (lazy imports: Triton, the extension and numba load on first use)
+# launchers that adapt arguments (the plain ones are lazy(module, name) below): Triton, the
+# extension and numba load on first use
 # ----------------------------------------------------------------------------------------------
-def _triton_quantize(x):
-    from ..kernels import int8_quant as k
-
-    return k.quantize_per_token(x)
-
-
-def _triton_layernorm_quant(x, weight, bias, eps):
-    from ..kernels import int8_quant as k
-
-    return k.layernorm_quant(x, weight, bias, eps)
+_TRITON_QUANT = "xray_ops.kernels.int8_quant"
+_TRITON_GEMM = "xray_ops.kernels.int8_gemm"
+_CPU = "xray_ops.cpu.int8"
+_triton_quantize = lazy(_TRITON_QUANT, "quantize_per_token")
+_triton_gemm = lazy(_TRITON_GEMM, "int8_matmul")
+_cuda_quantize_rows = lazy("xray_ops._C", "int8_quantize_per_token")
+_cuda_gemm = lazy("xray_ops._C", "int8_matmul")
+_cuda_layernorm_quant_rows = lazy("xray_ops._C", "int8_layernorm_quant")
+_cpu_gemm = lazy(_CPU, "int8_matmul")
+_cpu_linear = lazy(_CPU, "int8_linear")
 
 
 def _triton_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype, activation):
-    from ..kernels import int8_gemm as k
-
-    return k.int8_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype, activation == "gelu")
+    return _triton_gemm(a_q, b_q, a_scale, b_scale, bias, out_dtype, activation == "gelu")
 
 
 def _triton_linear(x, w_q, w_scale, bias, activation):
-    from ..kernels import int8_gemm as k
-    from ..kernels import int8_quant as kq
-
-    x_q, x_scale = kq.quantize_per_token(x)
-    return k.int8_matmul(x_q, w_q, x_scale, w_scale, bias, x.dtype, activation == "gelu")
+    x_q, x_scale = _triton_quantize(x)
+    return _triton_gemm(x_q, w_q, x_scale, w_scale, bias, x.dtype, activation == "gelu")
 
 
 def _rows(x):
@@ -62,129 +56,115 @@ def _f32(t):
 
 
 def _cuda_quantize(x):
-    from .. import _ext
-
-    return tuple(_ext.get().int8_quantize_per_token(_rows(x)))
+    return _cuda_quantize_rows(_rows(x))
 
 
 def _cuda_layernorm_quant(x, weight, bias, eps):
-    from .. import _ext
-
-    return tuple(_ext.get().int8_layernorm_quant(_rows(x), _f32(weight), _f32(bias), eps))
+    return _cuda_layernorm_quant_rows(_rows(x), _f32(weight), _f32(bias), eps)
 
 
 def _cuda_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype, activation):
-    from .. import _ext
-
-    return _ext.get().int8_matmul(a_q, b_q, _f32(a_scale), _f32(b_scale), _f32(bias),
-                                  out_dtype, activation == "gelu")
+    return _cuda_gemm(a_q, b_q, _f32(a_scale), _f32(b_scale), _f32(bias), out_dtype,
+                      activation == "gelu")
 
 
 def _cuda_linear(x, w_q, w_scale, bias, activation):
-    from .. import _ext
-
-    ext = _ext.get()
-    x_q, x_scale = ext.int8_quantize_per_token(_rows(x))
-    return ext.int8_matmul(x_q, w_q, x_scale.reshape(-1), _f32(w_scale), _f32(bias), x.dtype,
-                           activation == "gelu")
-
-
-def _cpu_quantize(x):
-    from ..cpu import int8 as k
-
-    return k.quantize_per_token(x)
-
-
-def _cpu_layernorm_quant(x, weight, bias, eps):
-    from ..cpu import int8 as k
-
-    return k.layernorm_quant(x, weight, bias, eps)
+    x_q, x_scale = _cuda_quantize_rows(_rows(x))
+    return _cuda_gemm(x_q, w_q, x_scale.reshape(-1), _f32(w_scale), _f32(bias), x.dtype,
+                      activation == "gelu")
 
 
 def _cpu_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype, activation):
-    from ..cpu import int8 as k
-
-    return k.int8_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype, activation == "gelu")
+    return _cpu_gemm(a_q, b_q, a_scale, b_scale, bias, out_dtype, activation == "gelu")
 
 
-def _cpu_linear(x, w_q, w_scale, bias, activation):
-    from ..cpu import int8 as k
-
-    return k.int8_linear(x, w_q, w_scale, bias, activation == "gelu")
+def _cpu_linear_act(x, w_q, w_scale, bias, activation):
+    return _cpu_linear(x, w_q, w_scale, bias, activation == "gelu")
 
 
 # ----------------------------------------------------------------------------------------------
-# per-input limits
+# per-input limits (checks get the op's inputs by name)
 # ----------------------------------------------------------------------------------------------
-def _triton_row_check(x, *rest):
-    C = x.shape[-1]
-    return [f"C={C} exceeds the Triton kernel's row limit {TRITON_MAX_ROW}"] \
-        if C > TRITON_MAX_ROW else []
+def _row_check(limit: int, kernel: str):
+    def check(inputs) -> list[str]:
+        C = inputs.x.shape[-1]
+        return [f"C={C} exceeds the {kernel} kernel's row limit {limit}"] if C > limit else []
+
+    return check
 
 
-def _cuda_row_check(x, *rest):
-    C = x.shape[-1]
-    return [f"C={C} exceeds the CUDA kernel's row limit {CUDA_MAX_ROW}"] \
-        if C > CUDA_MAX_ROW else []
+_triton_row_check = _row_check(TRITON_MAX_ROW, "Triton")
+_cuda_row_check = _row_check(CUDA_MAX_ROW, "CUDA")
 
 
-def _cuda_gemm_check(a_q, b_q, a_scale, b_scale, bias, out_dtype, activation):
-    K = a_q.shape[1]
+def _cp_async_rows(name: str, t: torch.Tensor) -> list[str]:
+    if t.numel() and (t.stride(1) != 1 or t.stride(0) % 16 or t.data_ptr() % 16):
+        return [f"{name} rows are not contiguous and 16-byte aligned "
+                f"(strides {tuple(t.stride())})"]
+    return []
+
+
+def _cuda_gemm_check(inputs) -> list[str]:
+    K = inputs.a_q.shape[1]
     reasons = []
-    if out_dtype not in _HALF_FLOAT:
-        reasons.append(f"out_dtype {out_dtype} not supported (float16, bfloat16, float32)")
+    if inputs.out_dtype not in GPU_FLOATS:
+        reasons.append(f"out_dtype {inputs.out_dtype} not supported (float16, bfloat16, "
+                       f"float32)")
     if K % 16:
         reasons.append(f"K={K} is not a multiple of 16 (16-byte cp.async rows)")
-    for name, t in (("a_q", a_q), ("b_q", b_q)):
-        if t.numel() and (t.stride(1) != 1 or t.stride(0) % 16 or t.data_ptr() % 16):
-            reasons.append(f"{name} rows are not contiguous and 16-byte aligned "
-                           f"(strides {tuple(t.stride())})")
-    return reasons
+    return reasons + _cp_async_rows("a_q", inputs.a_q) + _cp_async_rows("b_q", inputs.b_q)
 
 
-def _cuda_linear_check(x, w_q, *rest):
-    K = x.shape[1]
-    reasons = _cuda_row_check(x)
+def _cuda_linear_check(inputs) -> list[str]:
+    K = inputs.x.shape[1]
+    reasons = _cuda_row_check(inputs)
     if K % 16:
         reasons.append(f"K={K} is not a multiple of 16 (16-byte cp.async rows)")
-    if w_q.stride(1) != 1 or w_q.stride(0) % 16 or w_q.data_ptr() % 16:
-        reasons.append(f"w_q rows are not contiguous and 16-byte aligned "
-                       f"(strides {tuple(w_q.stride())})")
-    return reasons
+    return reasons + _cp_async_rows("w_q", inputs.w_q)
 
 
-def _impl(op, backend, fwd, devices, dtypes, check=None):
-    return register(Impl(op=op, backend=backend, forward=fwd, devices=frozenset(devices),
-                         dtypes=frozenset(dtypes), check=check))
-
-
-_F = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# ----------------------------------------------------------------------------------------------
+# the tables. Memory-bound row kernels: the CUDA ones first. GEMMs: Triton first, a guess (its
+# Hopper path issues wgmma; the CUDA GEMM is mma.sync) until measured on the GPU.
+# ----------------------------------------------------------------------------------------------
+_ROW_FIRST = ("cuda", "triton", "cpu", "torch")
+_GEMM_FIRST = ("triton", "cuda", "cpu", "torch")
 _I8 = (torch.int8,)
+# The CUDA GEMM's cp.async and int8 mma.sync (m16n8k32) need sm_80 (below that its code
+# compiles to nothing: a silent wrong answer). The row kernels are plain CUDA (warp shuffles,
+# vector loads): Volta on.
+_GEMM_CC = (8, 0)
+_ROW_CC = (7, 0)
 
-_impl("quantize_per_token", "torch", ref.quantize_per_token_op, {"cpu", "cuda"}, _F)
-_impl("quantize_per_token", "triton", _triton_quantize, {"cuda"}, _HALF_FLOAT)
-_impl("quantize_per_token", "cuda", _cuda_quantize, {"cuda"}, _HALF_FLOAT, _cuda_row_check)
-_impl("quantize_per_token", "cpu", _cpu_quantize, {"cpu"}, (torch.float32,))
+declare("quantize_per_token", forward=("x",), key="x", priority=_ROW_FIRST)
+register("quantize_per_token", "torch", forward=ref.quantize_per_token_op, dtypes=FLOATS)
+register("quantize_per_token", "triton", forward=_triton_quantize, dtypes=GPU_FLOATS)
+register("quantize_per_token", "cuda", forward=_cuda_quantize, dtypes=GPU_FLOATS,
+         min_compute_capability=_ROW_CC, forward_check=_cuda_row_check)
+register("quantize_per_token", "cpu", forward=lazy(_CPU, "quantize_per_token"),
+         dtypes=(torch.float32,))
 
-_impl("layernorm_quant", "torch", ref.layernorm_quant_op, {"cpu", "cuda"}, _F)
-_impl("layernorm_quant", "triton", _triton_layernorm_quant, {"cuda"}, _HALF_FLOAT,
-      _triton_row_check)
-_impl("layernorm_quant", "cuda", _cuda_layernorm_quant, {"cuda"}, _HALF_FLOAT, _cuda_row_check)
-_impl("layernorm_quant", "cpu", _cpu_layernorm_quant, {"cpu"}, (torch.float32,))
+declare("layernorm_quant", forward=("x", "weight", "bias", "eps"), key="x", priority=_ROW_FIRST)
+register("layernorm_quant", "torch", forward=ref.layernorm_quant_op, dtypes=FLOATS)
+register("layernorm_quant", "triton", forward=lazy(_TRITON_QUANT, "layernorm_quant"),
+         dtypes=GPU_FLOATS, forward_check=_triton_row_check)
+register("layernorm_quant", "cuda", forward=_cuda_layernorm_quant, dtypes=GPU_FLOATS,
+         min_compute_capability=_ROW_CC, forward_check=_cuda_row_check)
+register("layernorm_quant", "cpu", forward=lazy(_CPU, "layernorm_quant"),
+         dtypes=(torch.float32,))
 
-_impl("int8_matmul", "torch", ref.int8_matmul_op, {"cpu", "cuda"}, _I8)
-_impl("int8_matmul", "triton", _triton_matmul, {"cuda"}, _I8)
-_impl("int8_matmul", "cuda", _cuda_matmul, {"cuda"}, _I8, _cuda_gemm_check)
-_impl("int8_matmul", "cpu", _cpu_matmul, {"cpu"}, _I8)
+declare("int8_matmul", forward=("a_q", "b_q", "a_scale", "b_scale", "bias", "out_dtype",
+                                "activation"), key="a_q", priority=_GEMM_FIRST)
+register("int8_matmul", "torch", forward=ref.int8_matmul_op, dtypes=_I8)
+register("int8_matmul", "triton", forward=_triton_matmul, dtypes=_I8)
+register("int8_matmul", "cuda", forward=_cuda_matmul, dtypes=_I8,
+         min_compute_capability=_GEMM_CC, forward_check=_cuda_gemm_check)
+register("int8_matmul", "cpu", forward=_cpu_matmul, dtypes=_I8)
 
-_impl("int8_linear", "torch", ref.int8_linear_op, {"cpu", "cuda"}, _F)
-_impl("int8_linear", "triton", _triton_linear, {"cuda"}, _HALF_FLOAT)
-_impl("int8_linear", "cuda", _cuda_linear, {"cuda"}, _HALF_FLOAT, _cuda_linear_check)
-_impl("int8_linear", "cpu", _cpu_linear, {"cpu"}, (torch.float32,))
-
-# Memory-bound row kernels: the CUDA ones first. GEMMs: Triton first, a guess (its Hopper path
-# issues wgmma; the CUDA GEMM is mma.sync) until measured on the GPU.
-for _op in ("quantize_per_token", "layernorm_quant"):
-    _dispatch.set_priority(_op, ("cuda", "triton", "cpu", "torch"))
-for _op in ("int8_matmul", "int8_linear"):
-    _dispatch.set_priority(_op, ("triton", "cuda", "cpu", "torch"))
+declare("int8_linear", forward=("x", "w_q", "w_scale", "bias", "activation"), key="x",
+        priority=_GEMM_FIRST)
+register("int8_linear", "torch", forward=ref.int8_linear_op, dtypes=FLOATS)
+register("int8_linear", "triton", forward=_triton_linear, dtypes=GPU_FLOATS)
+register("int8_linear", "cuda", forward=_cuda_linear, dtypes=GPU_FLOATS,
+         min_compute_capability=_GEMM_CC, forward_check=_cuda_linear_check)
+register("int8_linear", "cpu", forward=_cpu_linear_act, dtypes=(torch.float32,))

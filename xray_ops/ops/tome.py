@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _dispatch, _validate
-from .._dispatch import Impl, register
+from .._dispatch import FLOATS, GPU_FLOATS, lazy
 from ..reference import tome as ref
 
 MATCH_OP = "tome_match"
@@ -312,7 +312,8 @@ class ToMeConfig:
 def _tome_match_op(metric: torch.Tensor, r: int, class_token: bool, distill_token: bool,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                           torch.Tensor, torch.Tensor]:
-    return tuple(_dispatch.run(MATCH_OP, backend, (metric, r, class_token, distill_token)))
+    return tuple(_dispatch.run(MATCH_OP, backend, metric=metric, r=r, class_token=class_token,
+                               distill_token=distill_token))
 
 
 @_tome_match_op.register_fake
@@ -330,7 +331,8 @@ def _(metric, r, class_token, distill_token, backend):
 def _tome_merge_op(x: torch.Tensor, size: torch.Tensor | None, dest: torch.Tensor,
                    slot_src: torch.Tensor, slot_start: torch.Tensor,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(_dispatch.run(MERGE_OP, backend, (x, size, dest, slot_src, slot_start)))
+    return tuple(_dispatch.run(MERGE_OP, backend, x=x, size=size, dest=dest,
+                               slot_src=slot_src, slot_start=slot_start))
 
 
 @_tome_merge_op.register_fake
@@ -345,8 +347,10 @@ def _tome_merge_backward_op(grad_out: torch.Tensor, grad_size_out: torch.Tensor 
                             x: torch.Tensor, size: torch.Tensor | None, x_out: torch.Tensor,
                             size_out: torch.Tensor, dest: torch.Tensor, size_grad: bool,
                             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(_dispatch.run(MERGE_OP, backend, (grad_out, grad_size_out, x, size, x_out,
-                                                   size_out, dest, size_grad), backward=True))
+    return tuple(_dispatch.run_backward(MERGE_OP, backend, grad_out=grad_out,
+                                        grad_size_out=grad_size_out, x=x, size=size,
+                                        x_out=x_out, size_out=size_out, dest=dest,
+                                        size_grad=size_grad))
 
 
 @_tome_merge_backward_op.register_fake
@@ -399,71 +403,44 @@ def _ref_merge_backward(grad_out, grad_size_out, x, size, x_out, size_out, dest,
                                          dest, size_grad)
 
 
-def _triton(name):
-    def fn(*args):
-        if name == "match":
-            from ..kernels import tome_match as k
-
-            return k.tome_match(*args)
-        from ..kernels import tome_merge as k
-
-        return getattr(k, name)(*args)
-
-    return fn
-
-
-def _cuda(name):
-    def fn(*args):
-        from .. import _ext
-
-        return tuple(getattr(_ext.get(), name)(*args))
-
-    return fn
-
-
-def _cpu(name):
-    def fn(*args):
-        from ..cpu import tome as k
-
-        return getattr(k, name)(*args)
-
-    return fn
-
-
-def _same_device_dtype(*args) -> list[str]:
-    # merge forward (x, size, ...) and backward (grad_out, grad_size_out, x, size, ...): every
-    # float tensor must share x's dtype for the compiled kernels (the public API guarantees it;
-    # this guards direct op calls)
-    tensors = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+def _same_dtype(inputs) -> list[str]:
+    # every float tensor must share x's dtype for the compiled kernels (the public API
+    # guarantees it; this guards direct op calls)
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if len({t.dtype for t in tensors}) > 1:
         return ["float tensors of mixed dtypes " + str(sorted({str(t.dtype) for t in tensors}))]
     return []
 
 
-_F = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_H = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _register(op, backend, fwd, bwd, dtypes, key_arg=(0, 0), check=None):
-    return register(Impl(op=op, backend=backend, forward=fwd, backward=bwd,
-                         devices=frozenset({"cpu", "cuda"} if backend == "torch"
-                                           else {"cpu"} if backend == "cpu" else {"cuda"}),
-                         dtypes=frozenset(dtypes), check=check, key_arg=key_arg))
-
+_ORDER = ("cuda", "triton", "cpu", "torch")
+_MATCH, _MERGE, _CPU = "xray_ops.kernels.tome_match", "xray_ops.kernels.tome_merge", \
+    "xray_ops.cpu.tome"
+# plain CUDA (warp shuffles, vector loads, 16-bit floats through float): Volta on
+_CUDA_CC = (7, 0)
 
 # the matching: metric in any float dtype (the cpu backend upcasts 16-bit metrics to float32,
 # which is exact: the matching is computed in float32 there anyway)
-_register(MATCH_OP, "torch", _ref_match, None, _F)
-_register(MATCH_OP, "triton", _triton("match"), None, _F)
-_register(MATCH_OP, "cuda", _cuda("tome_match"), None, _H)
-_register(MATCH_OP, "cpu", _cpu("tome_match"), None, _F)
-_dispatch.set_priority(MATCH_OP, ("cuda", "triton", "cpu", "torch"))
+_dispatch.declare(MATCH_OP, forward=("metric", "r", "class_token", "distill_token"),
+                  key="metric", priority=_ORDER)
+_dispatch.register(MATCH_OP, "torch", forward=_ref_match, dtypes=FLOATS)
+_dispatch.register(MATCH_OP, "triton", forward=lazy(_MATCH, "tome_match"), dtypes=FLOATS)
+_dispatch.register(MATCH_OP, "cuda", forward=lazy("xray_ops._C", "tome_match"),
+                   dtypes=GPU_FLOATS, min_compute_capability=_CUDA_CC)
+_dispatch.register(MATCH_OP, "cpu", forward=lazy(_CPU, "tome_match"), dtypes=FLOATS)
 
-_register(MERGE_OP, "torch", _ref_merge, _ref_merge_backward, _F, key_arg=(0, 2))
-_register(MERGE_OP, "triton", _triton("tome_merge_forward"), _triton("tome_merge_backward"), _F,
-          key_arg=(0, 2), check=_same_device_dtype)
-_register(MERGE_OP, "cuda", _cuda("tome_merge_forward"), _cuda("tome_merge_backward"), _H,
-          key_arg=(0, 2), check=_same_device_dtype)
-_register(MERGE_OP, "cpu", _cpu("tome_merge_forward"), _cpu("tome_merge_backward"),
-          (torch.float32, torch.float64), key_arg=(0, 2), check=_same_device_dtype)
-_dispatch.set_priority(MERGE_OP, ("cuda", "triton", "cpu", "torch"))
+_dispatch.declare(MERGE_OP, forward=("x", "size", "dest", "slot_src", "slot_start"),
+                  backward=("grad_out", "grad_size_out", "x", "size", "x_out", "size_out",
+                            "dest", "size_grad"), key="x", priority=_ORDER)
+_dispatch.register(MERGE_OP, "torch", forward=_ref_merge, backward=_ref_merge_backward,
+                   dtypes=FLOATS)
+_dispatch.register(MERGE_OP, "triton", forward=lazy(_MERGE, "tome_merge_forward"),
+                   backward=lazy(_MERGE, "tome_merge_backward"), dtypes=FLOATS,
+                   forward_check=_same_dtype, backward_check=_same_dtype)
+_dispatch.register(MERGE_OP, "cuda", forward=lazy("xray_ops._C", "tome_merge_forward"),
+                   backward=lazy("xray_ops._C", "tome_merge_backward"), dtypes=GPU_FLOATS,
+                   min_compute_capability=_CUDA_CC, forward_check=_same_dtype,
+                   backward_check=_same_dtype)
+_dispatch.register(MERGE_OP, "cpu", forward=lazy(_CPU, "tome_merge_forward"),
+                   backward=lazy(_CPU, "tome_merge_backward"),
+                   dtypes=(torch.float32, torch.float64), forward_check=_same_dtype,
+                   backward_check=_same_dtype)
