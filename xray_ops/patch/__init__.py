@@ -24,6 +24,18 @@ from . import _state
 
 
 def timm(model, *, attention=True, evit=None, tome=None, int8=False, int8_filter=None):
+    """Make a timm VisionTransformer fast, in place; returns it.
+
+    model: timm VisionTransformer (LayerScale, qk_norm, registers, no class token,
+    distillation token, dynamic image size). attention: flash attention on the packed qkv.
+    tome: xray_ops.ToMeConfig (merge after each block's attention, proportional attention).
+    evit: xray_ops.EViTConfig (reorganize after the listed blocks' attention; needs a class
+    token). int8: True or xray_ops.Int8Config (quantize_, heads in float; int8_filter to
+    choose). Full description: :func:`xray_ops.patch._timm.patch_timm`.
+
+    Equivalent PyTorch: timm's own forward, with ToMe's bipartite_soft_matching + merge_wavg /
+    EViT's top-k selection and fusion between each block's attention and its MLP.
+    """
     from ._timm import patch_timm
 
     return patch_timm(model, attention=attention, evit=evit, tome=tome, int8=int8,
@@ -31,6 +43,16 @@ def timm(model, *, attention=True, evit=None, tome=None, int8=False, int8_filter
 
 
 def open_clip(model, *, attention=True, evit=None, tome=None, int8=False, int8_filter=None):
+    """Make an open_clip model fast, in place; returns it.
+
+    model: an open_clip CLIP / CustomTextCLIP whose .visual is open_clip's VisionTransformer
+    (nn.MultiheadAttention blocks), or that VisionTransformer. attention, tome, evit: as
+    :func:`timm`, on the image tower. int8: both towers. Full description:
+    :func:`xray_ops.patch._open_clip.patch_open_clip`.
+
+    Equivalent PyTorch: open_clip's own forward with ToMe / EViT between each image block's
+    attention and its MLP.
+    """
     from ._open_clip import patch_open_clip
 
     return patch_open_clip(model, attention=attention, evit=evit, tome=tome, int8=int8,
