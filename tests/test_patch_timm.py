@@ -126,6 +126,17 @@ def test_token_reduction_matches_step_by_step_reference(case):
         assert n_tokens < 1 + model.patch_embed.num_patches
 
 
+def test_token_reduction_with_dynamic_image_size():
+    """Images of a size the model was not built for (6 x 4 patches) merge as any other."""
+    model = _vit(depth=3, dynamic_img_size=True, reg_tokens=1).double()
+    images = torch.randn(2, 3, 96, 64, dtype=torch.float64)
+    evit = (0.7, (1,), True)
+    want = ref.timm_forward(model, images, rs=[3, 3, 3], evit=evit)
+    patched = xo.patch.timm(copy.deepcopy(model), tome=xo.ToMeConfig(r=3),
+                            evit=xo.EViTConfig(*evit))
+    torch.testing.assert_close(patched(images), want, rtol=1e-10, atol=1e-10)
+
+
 def test_token_reduction_gradients_match_the_reference():
     model = _vit(depth=3, img_size=64, init_values=1e-1, qk_norm=True).double()
     images = _images(model, dtype=torch.float64)
