@@ -1,5 +1,6 @@
 """python -m bench <op|all> [--quick] | python -m bench plot | python -m bench summary --csv F
-python -m bench e2e [--quick] [--models M,...] [--backends VARIANT,...] [--rounds N]
+python -m bench e2e [--quick] [--models M,...] [--backends VARIANT,...] [--modes infer,train]
+                    [--rounds N]
 python -m bench e2e_report [--csv F]     (plots + the README table from bench/results/e2e_*.csv)
 
 Times every available implementation of an op side by side, prints a table with ratios against
@@ -30,8 +31,9 @@ def main(argv=None) -> int:
                    help="default: cuda when available")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="default: bf16 on cuda, fp32 on cpu")
-    p.add_argument("--modes", default=",".join(harness.MODES),
-                   help="comma-separated subset of fwd,bwd,fwd+bwd")
+    p.add_argument("--modes", default=None,
+                   help="comma-separated subset of fwd,bwd,fwd+bwd (e2e: of infer,train); "
+                        "default all")
     p.add_argument("--backends", default=None,
                    help="comma-separated implementations to time (eager always runs)")
     p.add_argument("--csv", default=None, help="CSV to append to (default bench/results/<device>.csv)")
@@ -62,15 +64,19 @@ def main(argv=None) -> int:
     if a.what == "e2e":
         from .ops import e2e
 
+        e2e_modes = [m for m in (a.modes or ",".join(e2e.MODES)).split(",") if m]
+        for m in e2e_modes:
+            if m not in e2e.MODES:
+                p.error(f"--modes: expected a subset of {e2e.MODES} for e2e, got {m!r}")
         e2e.run(device, dtype, a.quick, models=a.models.split(",") if a.models else None,
                 only=a.backends.split(",") if a.backends else None, rounds=a.rounds,
-                write_csv=not a.no_csv, csv_file=a.csv)
+                modes=e2e_modes, write_csv=not a.no_csv, csv_file=a.csv)
         return 0
     ops = list(OPS) if a.what == "all" else [a.what]
     for op in ops:
         if op not in OPS:
             p.error(f"what: expected one of {list(OPS) + ['all', 'plot']}, got {op!r}")
-    modes = [m for m in a.modes.split(",") if m]
+    modes = [m for m in (a.modes or ",".join(harness.MODES)).split(",") if m]
     for m in modes:
         if m not in harness.MODES:
             p.error(f"--modes: expected a subset of {harness.MODES}, got {m!r}")

@@ -58,3 +58,16 @@ def test_reference_rows_are_skipped_with_the_reason_until_it_exists():
         assert rows and all(r.ms is None and r.note == specs[0].skip for r in rows)
     else:
         assert not any(s.skip for s in specs)
+
+
+def test_modes_select_inference_only_and_bad_modes_are_refused(monkeypatch):
+    """``--modes infer``: the CPU goals' rows without the (slow) training steps."""
+    from bench.__main__ import main
+
+    monkeypatch.setattr(e2e.harness, "time_ms", lambda fn, device, quick: (fn(), 1.0)[1])
+    spec = e2e.ModelSpec("tiny", "timm", _tiny, 2, 3, {"infer": 2, "train": 2}, img_size=64)
+    rows = e2e.run_model(spec, "cpu", torch.float32, True, rounds=1, only=["xray-attn"],
+                         progress=lambda s: None, modes=("infer",))
+    assert {(r.variant, r.mode) for r in rows} == {("eager", "infer"), ("xray-attn", "infer")}
+    with pytest.raises(SystemExit):
+        main(["e2e", "--device", "cpu", "--modes", "fwd", "--no-csv"])

@@ -1,6 +1,7 @@
 """End to end: whole models as they are against the same models patched by xray_ops.patch.
 
-``python -m bench e2e [--quick] [--models a,b] [--backends variant,...] [--rounds N]``
+``python -m bench e2e [--quick] [--models a,b] [--backends variant,...] [--modes infer,train]
+[--rounds N]``
 
 Models (random init, nothing downloaded): timm vit_small / vit_base / vit_large_patch16_224,
 the reference model's configs (``reference_model.create_vit``; skipped with the reason while it
@@ -340,16 +341,17 @@ def _prepare(spec, name, base, device, mode):
 
 def run_model(spec: ModelSpec, device: str, dtype: torch.dtype, quick: bool, rounds: int,
               only: Optional[list[str]] = None, progress=print,
-              sink: Optional[Callable[[list[Row]], None]] = None) -> list[Row]:
-    """Every variant of one model, inference then training; ``sink`` gets each mode's rows as
-    soon as they are measured (so a run cut short keeps them)."""
+              sink: Optional[Callable[[list[Row]], None]] = None,
+              modes: tuple = MODES) -> list[Row]:
+    """Every variant of one model, inference then training (or the ``modes`` given); ``sink``
+    gets each mode's rows as soon as they are measured (so a run cut short keeps them)."""
     dt = str(dtype).replace("torch.", "")
     names = [n for n in variant_names(spec) if only is None or n in only or n == BASELINE]
     if quick and device == "cuda":  # the GPU goals' rows (compiling ViT-L takes minutes)
         names = [n for n in names if n in ("eager", "xray-attn", "xray-tome8-evit-int8",
                                            "xray-tome8", "xray-evit", "xray-int8")]
     rows: list[Row] = []
-    for mode in MODES:
+    for mode in [m for m in MODES if m in modes]:
         if spec.skip:
             mode_rows = [Row(spec.key, n, mode, spec.batch[mode], dt, note=spec.skip)
                          for n in names]
@@ -508,7 +510,8 @@ def goal_lines(rows: list[Row], device: str) -> list[str]:
 
 
 def run(device: str, dtype: torch.dtype, quick: bool, *, models: Optional[list[str]] = None,
-        only: Optional[list[str]] = None, rounds: Optional[int] = None, write_csv: bool = True,
+        only: Optional[list[str]] = None, rounds: Optional[int] = None,
+        modes: Optional[list[str]] = None, write_csv: bool = True,
         csv_file: Optional[str] = None) -> list[Row]:
     """Measure every model spec (or those named), print the table and the goals, append CSV."""
     if device == "cpu":
@@ -527,7 +530,8 @@ def run(device: str, dtype: torch.dtype, quick: bool, *, models: Optional[list[s
               file=sys.stderr)
         sink = (lambda mode_rows: append_csv(mode_rows, device, csv_file)) if write_csv else None
         rows += run_model(spec, device, dtype, quick, rounds, only,
-                          progress=lambda s: print(s, file=sys.stderr), sink=sink)
+                          progress=lambda s: print(s, file=sys.stderr), sink=sink,
+                          modes=tuple(modes or MODES))
     threads = "" if device == "cuda" else f", {torch.get_num_threads()} threads"
     print(f"device: {harness.device_name(device)}{threads}  torch {torch.__version__}  "
           f"commit {harness.commit()}  rounds {rounds}")
