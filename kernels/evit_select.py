@@ -64,7 +64,18 @@ def _rank_in_row(
     return rank
 
 
-@triton.autotune(configs=_configs(_FWD_SPACE), key=["P", "C", "keep"])
+def p_bucket(P: int) -> int:
+    """The autotuner's view of the row length: the power of two >= P (at least 16), so the
+    tuning is shared by nearby lengths; `keep` is not part of it (it moves work between copying
+    and fusing, not the cost), so EViT's keep-rate schedule does not re-tune."""
+    return triton.next_power_of_2(max(P, 16))
+
+
+# tuned per (bucketed row length, channels); dtypes join Triton's own key
+_KEY = ["P_BUCKET", "C"]
+
+
+@triton.autotune(configs=_configs(_FWD_SPACE), key=_KEY)
 @triton.jit
 def _evit_select_fwd_kernel(
     X_ptr,  # tokens, shape (B, N, C), any strides
@@ -74,6 +85,7 @@ def _evit_select_fwd_kernel(
     P,
     C,
     keep,
+    P_BUCKET,  # p_bucket(P): the autotuner's key, unused in the body
     stride_xb,
     stride_xn,
     stride_xc,
@@ -125,7 +137,7 @@ def _evit_select_fwd_kernel(
                  fused.to(OUT_ptr.dtype.element_ty), mask=mask_c)
 
 
-@triton.autotune(configs=_configs(_BWD_SPACE), key=["P", "C", "keep"])
+@triton.autotune(configs=_configs(_BWD_SPACE), key=_KEY)
 @triton.jit
 def _evit_select_bwd_kernel(
     GO_ptr,  # grad of x_out, shape (B, 1 + keep + FUSE, C), any strides (may be expanded)
@@ -136,6 +148,7 @@ def _evit_select_bwd_kernel(
     P,
     C,
     keep,
+    P_BUCKET,  # p_bucket(P): the autotuner's key, unused in the body
     stride_gb,
     stride_gn,
     stride_gc,
@@ -202,7 +215,7 @@ def evit_select_forward(x: torch.Tensor, cls_attn: torch.Tensor, keep: int, fuse
         return (B, max(1, triton.cdiv(C, meta["BLOCK_C"])))
 
     _evit_select_fwd_kernel[grid](
-        x, cls_attn, out, idx, P, C, keep,
+        x, cls_attn, out, idx, P, C, keep, p_bucket(P),
         x.stride(0), x.stride(1), x.stride(2), cls_attn.stride(0), cls_attn.stride(1),
         out.stride(0), out.stride(1),
         FUSE=fuse, ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_I=64,
@@ -223,7 +236,7 @@ def evit_select_backward(grad_out: torch.Tensor, x: torch.Tensor, cls_attn: torc
         return (B, triton.cdiv(P, meta["BLOCK_J"]))
 
     _evit_select_bwd_kernel[grid](
-        grad_out, x, cls_attn, grad_x, grad_a, P, C, keep,
+        grad_out, x, cls_attn, grad_x, grad_a, P, C, keep, p_bucket(P),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         x.stride(0), x.stride(1), x.stride(2), cls_attn.stride(0), cls_attn.stride(1),
         FUSE=fuse, ACC_DTYPE=_acc_dtype(x.dtype), BLOCK_I=64,

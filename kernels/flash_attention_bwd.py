@@ -21,33 +21,53 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attention import (INTERPRETING, LOG2E, _config, _configs, _program_block,
-                              _row0_log2_probs, _seq_start_len, _varlen_args, bhn_strides, bhnd_strides,
-                              bn_strides, head_dim_blocks, input_precision, launch,
-                              prune_configs)
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages)
-DKDV_CONFIGS = _configs([(32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2)], (64, 32, 4, 1))
-DQ_CONFIGS = _configs([(64, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2)], (32, 64, 4, 1))
+from .flash_attention import (INTERPRETING, LOG2E, Tile, TilePolicy, _dot2, _head_ptr,
+                              _load_lse, _load_rows, _program_block, _row0_log2_probs,
+                              _seq_start_len, _seq_window, _store_rows, _varlen_args,
+                              bhn_strides, bhnd_strides, bn_strides, head_dim_blocks,
+                              input_precision, launch, length_bucket)
 
 
-def dkdv_heuristic(n_q: int, n_k: int, dtype: torch.dtype) -> triton.Config:
-    if INTERPRETING:
-        return DKDV_CONFIGS[0]
-    if dtype == torch.float32:  # fits sm_80's shared memory at D = 128
-        return _config(32, 64, 4, 2)
-    return _config(32, 64, 4, 3) if n_k <= 256 else _config(64, 64, 4, 2)
+def _dkdv_smem(m, n, stages, d):
+    return d * (2 * n + stages * 2 * m)  # K and V, then Q and dO per pipeline stage
 
 
-def dq_heuristic(n_q: int, n_k: int, dtype: torch.dtype) -> triton.Config:
-    if INTERPRETING:
-        return DQ_CONFIGS[0]
-    if dtype == torch.float32:
-        return _config(64, 32, 4, 2)
-    return _config(64, 32, 4, 3) if n_q <= 256 else _config(64, 64, 4, 2)
+def _dq_smem(m, n, stages, d):
+    return d * (2 * m + stages * 2 * n)  # Q and dO, then K and V per pipeline stage
 
 
-BWD_KEY = ["N_Q", "N_K", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "HAS_CLS", "VARLEN"]
+# (BLOCK_M, BLOCK_N, warps, stages, largest head dim without spills); see flash_attention.py.
+# dK/dV keeps two (BLOCK_N, D) fp32 accumulators and K, V in registers: above D = 128 only the
+# small 8-warp tiles (SMALL_TILES) fit.
+DKDV = TilePolicy(
+    "flash attention backward dK/dV",
+    {"fp16": (Tile(32, 64, 4, 3, 128), Tile(64, 64, 4, 2, 96), Tile(64, 128, 8, 2, 128)),
+     "tf32": (Tile(32, 64, 4, 2, 80), Tile(16, 64, 4, 2, 128), Tile(32, 128, 8, 2, 128)),
+     "ieee": (Tile(32, 16, 8, 2), Tile(16, 32, 8, 2), Tile(16, 16, 8, 1))},
+    _dkdv_smem, (64, 32, 4, 1))
+DQ = TilePolicy(
+    "flash attention backward dQ",
+    {"fp16": (Tile(64, 32, 4, 3), Tile(64, 64, 4, 2, 128), Tile(128, 64, 8, 2, 192),
+              Tile(64, 64, 8, 2)),
+     "tf32": (Tile(64, 32, 4, 2, 96), Tile(64, 64, 8, 2, 128)),
+     "ieee": (Tile(32, 16, 8, 2), Tile(16, 32, 8, 2, 128))},
+    _dq_smem, (32, 64, 4, 1))
+DKDV_CONFIGS = DKDV.configs()
+DQ_CONFIGS = DQ.configs()
+
+
+def dkdv_heuristic(q, n_q: int, n_k: int, d: int, precision: str) -> triton.Config:
+    preferred = (32, 64, 4, 3) if length_bucket(n_k) <= 256 else (64, 64, 4, 2)
+    return DKDV.pick(q, precision, d, n_q, n_k, preferred)
+
+
+def dq_heuristic(q, n_q: int, n_k: int, d: int, precision: str) -> triton.Config:
+    preferred = (64, 32, 4, 3) if length_bucket(n_q) <= 256 else (64, 64, 4, 2)
+    return DQ.pick(q, precision, d, n_q, n_k, preferred)
+
+
+BWD_KEY = ["N_Q_BUCKET", "N_K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "HAS_CLS", "VARLEN",
+           "INPUT_PRECISION"]
 PRE_BLOCK_M = 32 if INTERPRETING else 64
 PRE_BLOCK_N = 32 if INTERPRETING else 64
 
@@ -92,22 +112,13 @@ def _attn_bwd_preprocess_kernel(
     q_start, len_q = _seq_start_len(CU_Q_ptr, b, N_Q, VARLEN)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < len_q
-    offs_d0 = tl.arange(0, BLOCK_D0)
-    o_base = O_ptr + b * stride_ob + h * stride_oh + q_start * stride_om
-    g_base = DO_ptr + b * stride_gb + h * stride_gh + q_start * stride_gm
-    o = tl.load(o_base + offs_m[:, None] * stride_om + offs_d0[None, :] * stride_od,
-                mask=m_mask[:, None], other=0.0).to(tl.float32)
-    g = tl.load(g_base + offs_m[:, None] * stride_gm + offs_d0[None, :] * stride_gd,
-                mask=m_mask[:, None], other=0.0).to(tl.float32)
-    delta = tl.sum(o * g, 1)
+    o0, o1 = _load_rows(_head_ptr(O_ptr, b, h, q_start, stride_ob, stride_oh, stride_om), offs_m,
+                        m_mask, stride_om, stride_od, HEAD_DIM, BLOCK_D0, BLOCK_D1, False)
+    g0, g1 = _load_rows(_head_ptr(DO_ptr, b, h, q_start, stride_gb, stride_gh, stride_gm), offs_m,
+                        m_mask, stride_gm, stride_gd, HEAD_DIM, BLOCK_D0, BLOCK_D1, False)
+    delta = tl.sum(o0.to(tl.float32) * g0.to(tl.float32), 1)
     if BLOCK_D1 > 0:
-        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-        mask1 = m_mask[:, None] & (offs_d1 < HEAD_DIM)[None, :]
-        o1 = tl.load(o_base + offs_m[:, None] * stride_om + offs_d1[None, :] * stride_od,
-                     mask=mask1, other=0.0).to(tl.float32)
-        g1 = tl.load(g_base + offs_m[:, None] * stride_gm + offs_d1[None, :] * stride_gd,
-                     mask=mask1, other=0.0).to(tl.float32)
-        delta += tl.sum(o1 * g1, 1)
+        delta += tl.sum(o1.to(tl.float32) * g1.to(tl.float32), 1)
     if HAS_DLSE:
         # dS_ij gains dlse_i · P_ij: the same as lowering delta_i by dlse_i
         dlse = tl.load(DLSE_ptr + b * stride_xb + h * stride_xh + (q_start + offs_m) * stride_xm,
@@ -123,8 +134,9 @@ def _attn_bwd_preprocess_kernel(
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             p0 = _row0_log2_probs(
-                Q_ptr + b * stride_qb + h * stride_qh + q_start * stride_qm, stride_qd,
-                K_ptr + b * stride_kb + h * stride_kh + k_start * stride_kn, stride_kn, stride_kd,
+                _head_ptr(Q_ptr, b, h, q_start, stride_qb, stride_qh, stride_qm), stride_qd,
+                _head_ptr(K_ptr, b, h, k_start, stride_kb, stride_kh, stride_kn), stride_kn,
+                stride_kd,
                 BIAS_ptr + b * stride_ab + k_start * stride_an, stride_an,
                 lse0, offs_n, len_k, qk_scale,
                 HEAD_DIM, BLOCK_D0, BLOCK_D1, CAUSAL, HAS_BIAS)
@@ -164,6 +176,8 @@ def _attn_bwd_dkdv_kernel(
     H,
     N_Q,
     N_K,
+    N_Q_BUCKET,  # length_bucket(N_Q), N_K_BUCKET: the autotuner's key, unused in the body
+    N_K_BUCKET,
     scale,  # softmax scale
     qk_scale,  # softmax scale * log2(e)
     HEAD_DIM: tl.constexpr,
@@ -178,30 +192,20 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
 ):
     b, h, start_n = _program_block(N_K, H, BLOCK_N)
-    q_start, len_q = _seq_start_len(CU_Q_ptr, b, N_Q, VARLEN)
-    k_start, len_k = _seq_start_len(CU_K_ptr, b, N_K, VARLEN)
-    q_base = Q_ptr + b * stride_qb + h * stride_qh + q_start * stride_qm
-    g_base = DO_ptr + b * stride_gb + h * stride_gh + q_start * stride_gm
+    q_start, len_q, k_start, len_k = _seq_window(CU_Q_ptr, CU_K_ptr, b, N_Q, N_K, VARLEN)
+    q_base = _head_ptr(Q_ptr, b, h, q_start, stride_qb, stride_qh, stride_qm)
+    g_base = _head_ptr(DO_ptr, b, h, q_start, stride_gb, stride_gh, stride_gm)
     row_off = b * stride_lb + h * stride_lh + q_start * stride_lm
 
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < len_k
-    offs_d0 = tl.arange(0, BLOCK_D0)
-    k_base = K_ptr + b * stride_kb + h * stride_kh + k_start * stride_kn
-    v_base = V_ptr + b * stride_vb + h * stride_vh + k_start * stride_vn
-    k0 = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d0[None, :] * stride_kd,
-                 mask=n_mask[:, None], other=0.0)
-    v0 = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d0[None, :] * stride_vd,
-                 mask=n_mask[:, None], other=0.0)
+    k0, k1 = _load_rows(_head_ptr(K_ptr, b, h, k_start, stride_kb, stride_kh, stride_kn), offs_n,
+                        n_mask, stride_kn, stride_kd, HEAD_DIM, BLOCK_D0, BLOCK_D1, False)
+    v0, v1 = _load_rows(_head_ptr(V_ptr, b, h, k_start, stride_vb, stride_vh, stride_vn), offs_n,
+                        n_mask, stride_vn, stride_vd, HEAD_DIM, BLOCK_D0, BLOCK_D1, False)
     dk0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
     if BLOCK_D1 > 0:
-        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-        d1_mask = offs_d1 < HEAD_DIM
-        k1 = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d1[None, :] * stride_kd,
-                     mask=n_mask[:, None] & d1_mask[None, :], other=0.0)
-        v1 = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d1[None, :] * stride_vd,
-                     mask=n_mask[:, None] & d1_mask[None, :], other=0.0)
         dk1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
         dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
     if HAS_BIAS:
@@ -222,34 +226,24 @@ def _attn_bwd_dkdv_kernel(
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_mask = offs_m < len_q
-        qt0 = tl.load(q_base + offs_m[None, :] * stride_qm + offs_d0[:, None] * stride_qd,
-                      mask=m_mask[None, :], other=0.0)
-        st = tl.dot(k0, qt0, input_precision=INPUT_PRECISION)
-        if BLOCK_D1 > 0:
-            qt1 = tl.load(q_base + offs_m[None, :] * stride_qm + offs_d1[:, None] * stride_qd,
-                          mask=m_mask[None, :] & d1_mask[:, None], other=0.0)
-            st += tl.dot(k1, qt1, input_precision=INPUT_PRECISION)
-        st = st * qk_scale
+        qt0, qt1 = _load_rows(q_base, offs_m, m_mask, stride_qm, stride_qd, HEAD_DIM, BLOCK_D0,
+                              BLOCK_D1, True)
+        st = _dot2(k0, k1, qt0, qt1, BLOCK_D1, INPUT_PRECISION) * qk_scale
         if HAS_BIAS:
             st += bias[:, None]
-        # P from the forward's lse; padded queries get lse +inf (P = 0), and so do fully masked
-        # rows (lse -inf: every logit was -inf)
-        lse = tl.load(LSE_ptr + row_off + offs_m * stride_lm, mask=m_mask, other=float("inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        # P from the forward's lse (padded queries and fully masked rows: P = 0)
+        lse = _load_lse(LSE_ptr + row_off, offs_m, m_mask, stride_lm)
         pt = tl.exp2(st - lse[None, :] * 1.4426950408889634)
         valid = m_mask[None, :] & n_mask[:, None]
         if CAUSAL:
             valid = valid & (offs_n[:, None] <= offs_m[None, :])
         pt = tl.where(valid, pt, 0.0)
-        g0 = tl.load(g_base + offs_m[:, None] * stride_gm + offs_d0[None, :] * stride_gd,
-                     mask=m_mask[:, None], other=0.0)
+        g0, g1 = _load_rows(g_base, offs_m, m_mask, stride_gm, stride_gd, HEAD_DIM, BLOCK_D0,
+                            BLOCK_D1, False)
         dv0 += tl.dot(pt.to(g0.dtype), g0, input_precision=INPUT_PRECISION)
-        dpt = tl.dot(v0, tl.trans(g0), input_precision=INPUT_PRECISION)
         if BLOCK_D1 > 0:
-            g1 = tl.load(g_base + offs_m[:, None] * stride_gm + offs_d1[None, :] * stride_gd,
-                         mask=m_mask[:, None] & d1_mask[None, :], other=0.0)
             dv1 += tl.dot(pt.to(g1.dtype), g1, input_precision=INPUT_PRECISION)
-            dpt += tl.dot(v1, tl.trans(g1), input_precision=INPUT_PRECISION)
+        dpt = _dot2(v0, v1, tl.trans(g0), tl.trans(g1), BLOCK_D1, INPUT_PRECISION)
         if HAS_CLS:
             dpt += tl.where(offs_m[None, :] == 0, dc[:, None], 0.0)
         delta = tl.load(DELTA_ptr + row_off + offs_m * stride_lm, mask=m_mask, other=0.0)
@@ -260,19 +254,15 @@ def _attn_bwd_dkdv_kernel(
         if BLOCK_D1 > 0:
             dk1 += tl.dot(dst.to(qt1.dtype), tl.trans(qt1), input_precision=INPUT_PRECISION)
 
-    dk_base = DK_ptr + b * stride_dkb + h * stride_dkh + k_start * stride_dkn
-    dv_base = DV_ptr + b * stride_dvb + h * stride_dvh + k_start * stride_dvn
-    # one cast back to the gradient dtype
-    tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d0[None, :] * stride_dkd,
-             (dk0 * scale).to(DK_ptr.dtype.element_ty), mask=n_mask[:, None])
-    tl.store(dv_base + offs_n[:, None] * stride_dvn + offs_d0[None, :] * stride_dvd,
-             dv0.to(DV_ptr.dtype.element_ty), mask=n_mask[:, None])
+    dk1_out = dk0
+    dv1_out = dv0
     if BLOCK_D1 > 0:
-        mask1 = n_mask[:, None] & d1_mask[None, :]
-        tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d1[None, :] * stride_dkd,
-                 (dk1 * scale).to(DK_ptr.dtype.element_ty), mask=mask1)
-        tl.store(dv_base + offs_n[:, None] * stride_dvn + offs_d1[None, :] * stride_dvd,
-                 dv1.to(DV_ptr.dtype.element_ty), mask=mask1)
+        dk1_out = dk1 * scale
+        dv1_out = dv1
+    _store_rows(_head_ptr(DK_ptr, b, h, k_start, stride_dkb, stride_dkh, stride_dkn), offs_n,
+                n_mask, stride_dkn, stride_dkd, dk0 * scale, dk1_out, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    _store_rows(_head_ptr(DV_ptr, b, h, k_start, stride_dvb, stride_dvh, stride_dvn), offs_n,
+                n_mask, stride_dvn, stride_dvd, dv0, dv1_out, HEAD_DIM, BLOCK_D0, BLOCK_D1)
     if HAS_BIAS:
         tl.store(DB_ptr + b * stride_dbb + h * stride_dbh + (k_start + offs_n) * stride_dbn,
                  dbias, mask=n_mask)
@@ -302,6 +292,8 @@ def _attn_bwd_dq_kernel(
     H,
     N_Q,
     N_K,
+    N_Q_BUCKET,  # length_bucket(N_Q), N_K_BUCKET: the autotuner's key, unused in the body
+    N_K_BUCKET,
     scale,  # softmax scale
     qk_scale,  # softmax scale * log2(e)
     HEAD_DIM: tl.constexpr,
@@ -316,33 +308,21 @@ def _attn_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
 ):
     b, h, start_m = _program_block(N_Q, H, BLOCK_M)
-    q_start, len_q = _seq_start_len(CU_Q_ptr, b, N_Q, VARLEN)
-    k_start, len_k = _seq_start_len(CU_K_ptr, b, N_K, VARLEN)
-    q_base = Q_ptr + b * stride_qb + h * stride_qh + q_start * stride_qm
-    g_base = DO_ptr + b * stride_gb + h * stride_gh + q_start * stride_gm
-    k_base = K_ptr + b * stride_kb + h * stride_kh + k_start * stride_kn
-    v_base = V_ptr + b * stride_vb + h * stride_vh + k_start * stride_vn
+    q_start, len_q, k_start, len_k = _seq_window(CU_Q_ptr, CU_K_ptr, b, N_Q, N_K, VARLEN)
+    k_base = _head_ptr(K_ptr, b, h, k_start, stride_kb, stride_kh, stride_kn)
+    v_base = _head_ptr(V_ptr, b, h, k_start, stride_vb, stride_vh, stride_vn)
     row_off = b * stride_lb + h * stride_lh + q_start * stride_lm
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < len_q
-    offs_d0 = tl.arange(0, BLOCK_D0)
-    q0 = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d0[None, :] * stride_qd,
-                 mask=m_mask[:, None], other=0.0)
-    g0 = tl.load(g_base + offs_m[:, None] * stride_gm + offs_d0[None, :] * stride_gd,
-                 mask=m_mask[:, None], other=0.0)
+    q0, q1 = _load_rows(_head_ptr(Q_ptr, b, h, q_start, stride_qb, stride_qh, stride_qm), offs_m,
+                        m_mask, stride_qm, stride_qd, HEAD_DIM, BLOCK_D0, BLOCK_D1, False)
+    g0, g1 = _load_rows(_head_ptr(DO_ptr, b, h, q_start, stride_gb, stride_gh, stride_gm), offs_m,
+                        m_mask, stride_gm, stride_gd, HEAD_DIM, BLOCK_D0, BLOCK_D1, False)
     dq0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
     if BLOCK_D1 > 0:
-        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-        d1_mask = offs_d1 < HEAD_DIM
-        mask1 = m_mask[:, None] & d1_mask[None, :]
-        q1 = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d1[None, :] * stride_qd,
-                     mask=mask1, other=0.0)
-        g1 = tl.load(g_base + offs_m[:, None] * stride_gm + offs_d1[None, :] * stride_gd,
-                     mask=mask1, other=0.0)
         dq1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
-    lse = tl.load(LSE_ptr + row_off + offs_m * stride_lm, mask=m_mask, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    lse = _load_lse(LSE_ptr + row_off, offs_m, m_mask, stride_lm) * 1.4426950408889634
     delta = tl.load(DELTA_ptr + row_off + offs_m * stride_lm, mask=m_mask, other=0.0)
 
     hi = len_k
@@ -352,20 +332,12 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < len_k
-        kt0 = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d0[:, None] * stride_kd,
-                      mask=n_mask[None, :], other=0.0)
-        vt0 = tl.load(v_base + offs_n[None, :] * stride_vn + offs_d0[:, None] * stride_vd,
-                      mask=n_mask[None, :], other=0.0)
-        s = tl.dot(q0, kt0, input_precision=INPUT_PRECISION)
-        dp = tl.dot(g0, vt0, input_precision=INPUT_PRECISION)
-        if BLOCK_D1 > 0:
-            kt1 = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d1[:, None] * stride_kd,
-                          mask=n_mask[None, :] & d1_mask[:, None], other=0.0)
-            vt1 = tl.load(v_base + offs_n[None, :] * stride_vn + offs_d1[:, None] * stride_vd,
-                          mask=n_mask[None, :] & d1_mask[:, None], other=0.0)
-            s += tl.dot(q1, kt1, input_precision=INPUT_PRECISION)
-            dp += tl.dot(g1, vt1, input_precision=INPUT_PRECISION)
-        s = s * qk_scale
+        kt0, kt1 = _load_rows(k_base, offs_n, n_mask, stride_kn, stride_kd, HEAD_DIM, BLOCK_D0,
+                              BLOCK_D1, True)
+        vt0, vt1 = _load_rows(v_base, offs_n, n_mask, stride_vn, stride_vd, HEAD_DIM, BLOCK_D0,
+                              BLOCK_D1, True)
+        s = _dot2(q0, q1, kt0, kt1, BLOCK_D1, INPUT_PRECISION) * qk_scale
+        dp = _dot2(g0, g1, vt0, vt1, BLOCK_D1, INPUT_PRECISION)
         if HAS_BIAS:
             bias = tl.load(BIAS_ptr + b * stride_ab + (k_start + offs_n) * stride_an, mask=n_mask,
                            other=0.0).to(tl.float32)
@@ -384,19 +356,19 @@ def _attn_bwd_dq_kernel(
         if BLOCK_D1 > 0:
             dq1 += tl.dot(ds.to(kt1.dtype), tl.trans(kt1), input_precision=INPUT_PRECISION)
 
-    dq_base = DQ_ptr + b * stride_dqb + h * stride_dqh + q_start * stride_dqm
-    tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d0[None, :] * stride_dqd,
-             (dq0 * scale).to(DQ_ptr.dtype.element_ty), mask=m_mask[:, None])
+    dq1_out = dq0
     if BLOCK_D1 > 0:
-        tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d1[None, :] * stride_dqd,
-                 (dq1 * scale).to(DQ_ptr.dtype.element_ty), mask=mask1)
+        dq1_out = dq1 * scale
+    _store_rows(_head_ptr(DQ_ptr, b, h, q_start, stride_dqb, stride_dqh, stride_dqm), offs_m,
+                m_mask, stride_dqm, stride_dqd, dq0 * scale, dq1_out, HEAD_DIM, BLOCK_D0, BLOCK_D1)
 
 
-_PRUNE = {"early_config_prune": prune_configs}
 _attn_bwd_dkdv = triton.autotune(configs=DKDV_CONFIGS, key=BWD_KEY,
-                                 prune_configs_by=_PRUNE)(_attn_bwd_dkdv_kernel)
+                                 prune_configs_by={"early_config_prune": DKDV.prune}
+                                 )(_attn_bwd_dkdv_kernel)
 _attn_bwd_dq = triton.autotune(configs=DQ_CONFIGS, key=BWD_KEY,
-                               prune_configs_by=_PRUNE)(_attn_bwd_dq_kernel)
+                               prune_configs_by={"early_config_prune": DQ.prune}
+                               )(_attn_bwd_dq_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,6 +395,10 @@ def flash_attention_backward(dout, dcls, dlse, q, k, v, key_bias, out, lse, scal
         for t in (dq, dk, dv):
             t.zero_()
         return torch.zeros_like(key_bias) if has_bias else None
+    # forced tiles that cannot fit fail before any launch
+    for policy, cfg in ((DKDV, dkdv_config), (DQ, dq_config)):
+        if cfg is not None:
+            policy.check_forced(cfg, q, D)
     # per-head key-bias gradients, summed over heads below (lse stands in when there is none)
     db_heads = lse
     if has_bias:
@@ -449,6 +425,7 @@ def flash_attention_backward(dout, dcls, dlse, q, k, v, key_bias, out, lse, scal
               *bn_strides(key_bias, varlen), *bhnd_strides(dout, varlen),
               *bhn_strides(lse, varlen), *bn_strides(dcls, varlen))
     prec = input_precision(q.dtype)
+    buckets = (length_bucket(N_Q), length_bucket(N_K))
 
     def grid_n(meta):
         return (triton.cdiv(N_K, meta["BLOCK_N"]) * B * H,)
@@ -457,16 +434,16 @@ def flash_attention_backward(dout, dcls, dlse, q, k, v, key_bias, out, lse, scal
     launch(_attn_bwd_dkdv, _attn_bwd_dkdv_kernel, grid_n,
            (q, k, v, bias, dout, lse, delta, dcls_t, dk, dv, db_heads, cu_q, cu_k,
             *shared, *bhnd_strides(dk, varlen), *bhnd_strides(dv, varlen),
-            *bhn_strides(db_heads, varlen), H, N_Q, N_K, scale, qk_scale),
-           kwargs, dkdv_config, dkdv_heuristic(N_Q, N_K, q.dtype))
+            *bhn_strides(db_heads, varlen), H, N_Q, N_K, *buckets, scale, qk_scale),
+           kwargs, dkdv_config, dkdv_heuristic(q, N_Q, N_K, D, prec), DKDV, q)
 
     def grid_m(meta):
         return (triton.cdiv(N_Q, meta["BLOCK_M"]) * B * H,)
 
     launch(_attn_bwd_dq, _attn_bwd_dq_kernel, grid_m,
            (q, k, v, bias, dout, lse, delta, dcls_t, dq, cu_q, cu_k,
-            *shared, *bhnd_strides(dq, varlen), H, N_Q, N_K, scale, qk_scale),
-           kwargs, dq_config, dq_heuristic(N_Q, N_K, q.dtype))
+            *shared, *bhnd_strides(dq, varlen), H, N_Q, N_K, *buckets, scale, qk_scale),
+           kwargs, dq_config, dq_heuristic(q, N_Q, N_K, D, prec), DQ, q)
     if not has_bias:
         return None
     # Σ over heads in a fixed order: deterministic

@@ -7,8 +7,9 @@ b_scale[n] (+ bias[n]) (→ exact GELU) in float32, then one cast to the output 
 int32 result never goes to memory.
 
 Grid: one program per (BLOCK_M, BLOCK_N) tile, grouped GROUP_M row-tiles at a time so the
-B tiles a group needs stay in L2. Autotuned on the GPU (keyed on N, K and the power of two
-above M) for problems of AUTOTUNE_MIN_MACS and more; a fixed config below that and under the
+B tiles a group needs stay in L2. Autotuned on the GPU (keyed on N, K, the power of two
+above M and the epilogue; each epilogue gets only the tiles it fits without spilling) for
+problems of AUTOTUNE_MIN_MACS and more; a fixed config below that and under the
 interpreter (which would otherwise run every config).
 """
 
@@ -26,17 +27,41 @@ import triton.language as tl
 AUTOTUNE_MIN_MACS = 1 << 30
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps) and the epilogues each compiles for on sm_90
+# without spilling (tools/triton_aot_check.py checks every one `auto` can pick). A 128 x 256
+# tile on 8 warps (or 128 x 128 on 4) holds 128 int32 accumulators per thread: enough registers
+# for the plain epilogue into a 16-bit output, not for the exact GELU (erf) nor, with K tiles of
+# 128, for a float32 output. Large tiles and deep pipelines for the big-M shapes (ViT at batch
+# 256: M = 50432); int8 K tiles of 128 bytes; a few, because every config compiles on first use.
+_PLAIN16, _PLAIN32, _GELU16, _GELU32 = "plain16", "plain32", "gelu16", "gelu32"
+_ALL = frozenset({_PLAIN16, _PLAIN32, _GELU16, _GELU32})
+_TILES = [
+    ((128, 256, 128, 3, 8), frozenset({_PLAIN16})),
+    ((256, 128, 128, 3, 8), frozenset({_PLAIN16})),
+    ((128, 128, 128, 4, 4), frozenset({_PLAIN16, _PLAIN32})),
+    ((128, 128, 64, 4, 4), frozenset({_PLAIN16, _PLAIN32})),
+    ((64, 128, 128, 4, 4), _ALL),
+    ((128, 128, 128, 4, 8), _ALL),
+    ((128, 128, 64, 4, 8), _ALL),
+]
+
+
+def _epilogue(gelu: bool, out_dtype: torch.dtype) -> str:
+    return ("gelu" if gelu else "plain") + ("32" if out_dtype == torch.float32 else "16")
+
+
 def _configs():
-    cfgs = []
-    # large tiles and deep pipelines for the big-M shapes (ViT at batch 256: M = 50432); int8 K
-    # tiles of 128 bytes; a few, because every config compiles on first use of a new shape
-    for bm, bn, bk, stages, warps in [
-        (128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 4),
-        (128, 128, 64, 4, 4), (64, 128, 128, 4, 4),
-    ]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                  num_warps=warps, num_stages=stages))
-    return cfgs
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                          num_warps=warps, num_stages=stages)
+            for (bm, bn, bk, stages, warps), _ in _TILES]
+
+
+def _prune(configs, named_args, **kwargs):
+    """early_config_prune: the tiles that fit this call's epilogue."""
+    epi = _epilogue(kwargs["GELU"], named_args["C_ptr"].dtype)
+    fits = {shape for shape, epis in _TILES if epi in epis}
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
+                                   c.num_stages, c.num_warps) in fits]
 
 
 def _fixed_config(M: int, interpreting: bool) -> dict:
@@ -115,8 +140,11 @@ def _int8_matmul_kernel(
     tl.store(c_ptrs, y.to(C_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-_int8_matmul_autotuned = triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"])(
-    _int8_matmul_kernel)
+# tuned per (power of two above M, N, K, epilogue); dtypes join Triton's own key
+_int8_matmul_autotuned = triton.autotune(configs=_configs(),
+                                         key=["M_BUCKET", "N", "K", "HAS_BIAS", "GELU"],
+                                         prune_configs_by={"early_config_prune": _prune}
+                                         )(_int8_matmul_kernel)
 
 
 def int8_matmul(a_q: torch.Tensor, b_q: torch.Tensor, a_scale: torch.Tensor,

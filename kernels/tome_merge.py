@@ -2,12 +2,12 @@
 
 Both are gathers, so neither needs atomics and two runs are bitwise equal:
 
-Forward, grid (B, slot blocks, channel blocks): every output slot walks its own group of input
+Forward, grid (B x slot blocks, channel blocks): every output slot walks its own group of input
 tokens (the CSR slot_src / slot_start from the matching: the slot's token first, then the A
 tokens merged into it by ascending position), accumulates size·x and size in fp32 (float64 for
 float64), and writes sum(size·x) / sum(size) and sum(size) once. x is read once in total.
 
-Backward, grid (B, token blocks): every input token p reads the gradient of its slot
+Backward, grid (B x token blocks,): every input token p reads the gradient of its slot
 o = dest[p]: grad_x[p] = size[p] / size_out[o] · grad_out[o], and (when size needs a gradient)
 grad_size[p] = <grad_out[o], x[p] - x_out[o]> / size_out[o] + grad_size_out[o].
 """
@@ -19,6 +19,15 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _batch_block(n, BLOCK: tl.constexpr):
+    """(b, block) from one flat grid axis over (batch, blocks of n tokens): axis 0 has no
+    65535 limit, so any token count launches (a 2-D grid capped N at 65535 blocks)."""
+    pid = tl.program_id(0)
+    num = tl.cdiv(n, BLOCK)
+    return (pid // num).to(tl.int64), pid % num
 
 
 @triton.jit
@@ -42,10 +51,10 @@ def _tome_merge_fwd_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    offs_o = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    b, blk = _batch_block(n_out, BLOCK_T)
+    offs_o = blk * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_o = offs_o < n_out
-    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     start_row = START_ptr + b * (n_out + 1)
     st = tl.load(start_row + offs_o, mask=mask_o, other=0)
@@ -70,7 +79,7 @@ def _tome_merge_fwd_kernel(
     # one cast back to the output dtype
     tl.store(OUT_ptr + b * n_out * C + offs_o[:, None] * C + offs_c[None, :],
              out.to(OUT_ptr.dtype.element_ty), mask=mask_o[:, None] & mask_c[None, :])
-    if tl.program_id(2) == 0:
+    if tl.program_id(1) == 0:
         tl.store(SOUT_ptr + b * n_out + offs_o, total.to(SOUT_ptr.dtype.element_ty), mask=mask_o)
 
 
@@ -109,8 +118,8 @@ def _tome_merge_bwd_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    offs_p = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    b, blk = _batch_block(N, BLOCK_T)
+    offs_p = blk * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_p = offs_p < N
     o = tl.load(DEST_ptr + b * N + offs_p, mask=mask_p, other=0)
     S = tl.load(SOUT_ptr + b * stride_sob + o * stride_son, mask=mask_p, other=1).to(ACC_DTYPE)
@@ -175,7 +184,7 @@ def tome_merge_forward(x: torch.Tensor, size, dest: torch.Tensor, slot_src: torc
     BLOCK_T = _block_t()
     BLOCK_C = _block_c(C, 128)
     # C == 0 still needs one program per slot block to write size_out
-    grid = (B, triton.cdiv(n_out, BLOCK_T), max(1, triton.cdiv(C, BLOCK_C)))
+    grid = (B * triton.cdiv(n_out, BLOCK_T), max(1, triton.cdiv(C, BLOCK_C)))
     _tome_merge_fwd_kernel[grid](
         x, s, slot_src, slot_start, out, size_out, N, C, n_out,
         x.stride(0), x.stride(1), x.stride(2), s.stride(0), s.stride(1),
@@ -200,7 +209,7 @@ def tome_merge_backward(grad_out: torch.Tensor, grad_size_out, x: torch.Tensor, 
     gso = grad_size_out if grad_size_out is not None else size_out
     size_grad = bool(size_grad) and size is not None
     BLOCK_T = _block_t()
-    grid = (B, triton.cdiv(N, BLOCK_T))
+    grid = (B * triton.cdiv(N, BLOCK_T),)
     _tome_merge_bwd_kernel[grid](
         grad_out, gso, x, s, x_out, size_out, dest, grad_x, grad_size, N, C,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), gso.stride(0), gso.stride(1),

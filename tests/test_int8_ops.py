@@ -487,3 +487,41 @@ def test_gpu_vit_shapes(backend, M, K, N):
         lq, ls = xo.layernorm_quant(x, None, None, 1e-6)
     _q_ties_only(q, x, s)
     _lnq_close(lq, ls, x, None, None, 1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# edges found by an independent check
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("act", [None, "gelu"])
+def test_matmul_float64_output_is_the_float64_epilogue(backend, act):
+    # "rounded once to out_dtype": a float32 epilogue is ~1e-7 relative off the exact one
+    M, K, N = 7, 64, 5
+    a, b = _int8(M, K), _int8(N, K)
+    a_s = torch.rand(M, 1) / 3 + 0.01
+    b_s = torch.rand(N) / 7 + 0.01
+    bias = torch.randn(N)
+    with xo.backend(backend):
+        y = xo.int8_matmul(a, b, a_s, b_s, bias, out_dtype=torch.float64, activation=act)
+    want = ref.int8_matmul(a, b, a_s, b_s, bias, torch.float64, act)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, want, rtol=1e-15, atol=1e-15)
+
+
+def test_triton_refuses_float64_output_with_the_reason():
+    a, b = _int8(3, 16), _int8(4, 16)
+    with pytest.raises(xo.BackendError, match="Triton epilogue computes in float32"):
+        with xo.backend("triton"):
+            xo.int8_matmul(a, b, torch.ones(3, 1), torch.ones(4), out_dtype=torch.float64)
+
+
+def test_quantize_float64_row_beyond_a_float32_scale_is_refused():
+    x = torch.tensor([[1e300, -2.0, 3.0], [1.0, 2.0, 3.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"x: expected finite rows with max \|value\| <= 127"):
+        xo.quantize_per_token(x)
+    with pytest.raises(ValueError, match="weight: expected finite rows"):
+        ref.quantize_weight(x)
+    # the largest row that fits still dequantizes to finite values; Inf rows keep their rule
+    ok = torch.tensor([[127 * 3.4e38, 1.0], [float("inf"), 1.0]], dtype=torch.float64)
+    q, s = xo.quantize_per_token(ok)
+    assert torch.isfinite(s[0]).all() and q[0, 0] == 127 and s[1].item() == float("inf")

@@ -1,129 +1,219 @@
-"""Compile Triton kernels for sm_80 / sm_90 without a GPU (ahead of time, to cubin).
+"""Compile every Triton kernel as its launcher would launch it on an H200, without a GPU.
 
-    TRITON_INTERPRET=0 python tools/triton_aot_check.py [--quick] [--arch 80,90] [--dtypes fp16]
+    python tools/triton_aot_check.py [--quick] [--arch 90[,80]] [--ops flash,int8] [--jobs N]
 
-Catches what the interpreter cannot: Triton frontend/type errors in GPU-only code paths,
-ptxas failures, and tile configs that exceed shared memory. Prints one line per compile.
+For every op and case of tools/aot_table.py, the launcher runs on ``meta`` tensors with its
+launches recorded (tools/aot_compile.py); each launch is specialised as Triton specialises it
+at run time and compiled for sm_<arch> with every config the launcher or its autotuner can
+pick (autotuning on and off: XRAY_OPS_AUTOTUNE=1 and 0). One line per distinct compile:
+registers, spills (stack frame / ptxas spill stores, bytes per thread) and shared memory.
+
+It fails (exit 1) when a config that can run spills, needs more shared memory than a block
+may have (227 KB on sm_90), exceeds a grid limit, or does not compile; and when a sweep of
+lengths in aot_table.RETUNE_SWEEPS gives the autotuner more than one key (it would re-tune
+on every new length). Exit 3 (and a SKIP line) where this Triton lacks the internals the
+check uses. Runs without the interpreter: TRITON_INTERPRET is cleared here. The full table
+takes about an hour of CPU (--jobs N divides it); --quick about one minute.
 """
+
 from __future__ import annotations
 
 import argparse
-import itertools
+import dataclasses
+import importlib
+import multiprocessing
 import os
+import pkgutil
 import sys
 import time
 
-os.environ["TRITON_INTERPRET"] = "0"
+os.environ.pop("TRITON_INTERPRET", None)
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(1, os.path.dirname(HERE))
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+try:  # the capture and the binder are Triton internals (3.4 - 3.8 checked)
+    import aot_compile as ac  # noqa: E402
 
-SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-
-
-def _ptr_type(name: str, dtype: str) -> str:
-    n = name[:-4]
-    if n in ("LSE", "DELTA", "DLSE", "DB"):
-        return "*fp32"
-    if n in ("CU_Q", "CU_K"):
-        return "*i32"
-    if n == "BIAS":
-        return "*fp32"
-    return "*" + dtype
+    _MISSING = None if hasattr(ac.JITFunction, "_pack_args") else "JITFunction._pack_args"
+except ImportError as e:
+    ac, _MISSING = None, str(e)
+import aot_table  # noqa: E402
 
 
-def signature(fn, dtype: str, constexprs: dict) -> dict:
-    sig = {}
-    for i, name in enumerate(fn.arg_names):
-        if i in fn.constexprs or name in constexprs:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = _ptr_type(name, dtype)
-        elif name in ("scale", "qk_scale"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
+@dataclasses.dataclass
+class Row:
+    """One distinct compile and the first case that asked for it."""
+
+    op: str
+    case: dict
+    kernel: str
+    arch: int
+    config: str
+    source: str  # "autotune" (a candidate of the autotuner) or "launcher" (its fixed pick)
+    spec: object  # aot_compile.Specialised
+    count: int = 1
+    res: object = None  # aot_compile.Resources
 
 
-def compile_one(kernel, dtype, constexprs, cfg, arch):
-    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-    consts = dict(constexprs)
-    opts = {}
-    if cfg is not None:
-        consts.update(cfg.kwargs)
-        opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
-    src = triton.compiler.ASTSource(fn=fn, signature=signature(fn, dtype, consts),
-                                    constexprs=consts)
-    c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
-    return c.metadata.shared
+def case_label(case: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in case.items())
+
+
+def config_label(kw: dict) -> str:
+    blocks = " ".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in kw.items()
+                      if k.startswith(("BLOCK_", "GROUP_")) and not k.startswith("BLOCK_D"))
+    return f"{blocks} w{kw.get('num_warps', 4)} s{kw.get('num_stages', 3)}"
+
+
+def _assume_smem_limit(arch: int) -> None:
+    """Kernel modules that prune tiles by shared memory read DEFAULT_SMEM_LIMIT for tensors
+    off the GPU (the meta tensors here): make it the target's."""
+    import xray_ops.kernels as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        if hasattr(mod, "DEFAULT_SMEM_LIMIT"):
+            mod.DEFAULT_SMEM_LIMIT = ac.SMEM_LIMIT[arch]
+
+
+def launches_of(op: aot_table.Op, case: dict, arch: int = 90):
+    """Every launch the op's launcher makes for the case on sm_<arch>, autotuning on and off."""
+    out = []
+    for autotune in ("1", "0"):
+        old = os.environ.get("XRAY_OPS_AUTOTUNE")
+        os.environ["XRAY_OPS_AUTOTUNE"] = autotune
+        try:
+            _assume_smem_limit(arch)
+            with ac.capture() as launches:
+                op.run(**case)
+        finally:
+            if old is None:
+                os.environ.pop("XRAY_OPS_AUTOTUNE", None)
+            else:
+                os.environ["XRAY_OPS_AUTOTUNE"] = old
+        out += launches
+    return out
+
+
+def plan(ops, quick: bool, archs):
+    """(rows keyed by compile, failures found before compiling)."""
+    rows: dict[str, Row] = {}
+    failures = []
+    for op, arch in ((op, arch) for op in ops for arch in archs):
+        for case in (op.quick if quick else op.cases):
+            try:
+                launches = launches_of(op, case, arch)
+            except Exception as e:  # noqa: BLE001 - a launcher that fails is a finding
+                failures.append(f"FAIL {op.name} sm_{arch} {case_label(case)}: the launcher "
+                                f"raised {type(e).__name__}: {e}")
+                continue
+            for launch in launches:
+                for cfg, kw in launch.variants():
+                    spec = ac.specialise(launch.kernel, launch.args, kw, arch)
+                    grid = ac.grid_of(launch, spec)
+                    label = config_label(kw)
+                    if any(g > lim for g, lim in zip(grid, ac.GRID_LIMIT)):
+                        failures.append(f"FAIL {op.name} {launch.kernel.__name__} "
+                                        f"{case_label(case)} {label}: grid {grid} exceeds "
+                                        f"the launch limits {ac.GRID_LIMIT}")
+                    row = rows.get(spec.key)
+                    if row is None:
+                        rows[spec.key] = Row(op.name, case, launch.kernel.__name__, arch, label,
+                                             "autotune" if launch.autotuned else "launcher",
+                                             spec)
+                    else:
+                        row.count += 1
+    return rows, failures
+
+
+def retune_failures(sweeps):
+    """A sweep of lengths must map to one autotuner key per kernel (else it re-tunes)."""
+    failures = []
+    for op, cases in sweeps:
+        keys: dict[str, set] = {}
+        for case in cases:
+            for launch in launches_of(op, case):
+                if launch.autotuned:
+                    keys.setdefault(launch.kernel.__name__, set()).add(launch.tuning_key)
+        for kernel, ks in sorted(keys.items()):
+            if len(ks) > 1:
+                failures.append(f"FAIL {op.name} {kernel}: {len(cases)} cases "
+                                f"({case_label(cases[0])} ...) give {len(ks)} autotune keys: "
+                                f"it re-tunes per length ({sorted(map(str, ks))[:4]} ...)")
+    return failures
+
+
+_ROWS: list[Row] = []
+
+
+def _compile_row(i: int):
+    return ac.compile_specialised(_ROWS[i].spec, _ROWS[i].arch)
+
+
+def verdict(row: Row) -> str | None:
+    r = row.res
+    if r.error:
+        return f"does not compile: {r.error}"
+    if r.spill:
+        return f"spills {r.spill} B per thread"
+    if r.smem > ac.SMEM_LIMIT[row.arch]:
+        return f"needs {r.smem} B of shared memory (> {ac.SMEM_LIMIT[row.arch]})"
+    return None
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true",
-                   help="one config per kernel, D=80, fp16 and bf16 only")
-    p.add_argument("--arch", default="80,90")
-    p.add_argument("--dtypes", default=None, help="comma-separated subset of fp16,bf16,fp32")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="make test's subset of the table")
+    p.add_argument("--arch", default="90", help="comma-separated compute capabilities")
+    p.add_argument("--ops", default=None,
+                   help="comma-separated prefixes of op names (default: every op)")
+    p.add_argument("--jobs", type=int, default=1, help="parallel compiles")
+    p.add_argument("--failures-only", action="store_true", help="print failing rows only")
     a = p.parse_args(argv)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from xray_ops.kernels import flash_attention as kf, flash_attention_bwd as kb
+    if _MISSING:
+        import triton
 
+        print(f"SKIP: this Triton ({triton.__version__}) lacks what the check uses: {_MISSING}")
+        return 3
     archs = [int(x) for x in a.arch.split(",")]
-    dims = [80] if a.quick else [32, 64, 80, 96, 128]
-    dtypes = ["fp16", "bf16"] if a.quick else ["fp16", "bf16", "fp32"]
-    if a.dtypes:
-        dtypes = a.dtypes.split(",")
-    failures = 0
-    jobs = []
-    # every feature on, then every feature off (the constexpr branches compile either way)
-    flag_sets = [dict(CAUSAL=True, HAS_BIAS=True, HAS_CLS=True, HAS_DLSE=True),
-                 dict(CAUSAL=False, HAS_BIAS=False, HAS_CLS=False, HAS_DLSE=False)]
-    for D, dtype, flags in itertools.product(dims, dtypes, flag_sets):
-        d0, d1 = kf.head_dim_blocks(D)
-        prec = "ieee" if dtype == "fp32" else "tf32"
-        base = dict(HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, CAUSAL=flags["CAUSAL"],
-                    HAS_BIAS=flags["HAS_BIAS"], VARLEN=False, INPUT_PRECISION=prec)
-        has_cls, has_dlse = flags["HAS_CLS"], flags["HAS_DLSE"]
-        fwd_cfgs = kf.FWD_CONFIGS[:1] if a.quick else kf.FWD_CONFIGS
-        dkdv_cfgs = kb.DKDV_CONFIGS[:1] if a.quick else kb.DKDV_CONFIGS
-        dq_cfgs = kb.DQ_CONFIGS[:1] if a.quick else kb.DQ_CONFIGS
-        for cfg in fwd_cfgs:
-            jobs.append(("fwd", kf._attn_fwd, dtype, base, cfg))
-        jobs.append(("fwd-varlen", kf._attn_fwd, dtype, {**base, "VARLEN": True}, fwd_cfgs[0]))
-        jobs.append(("cls", kf._cls_attn_kernel, dtype, {**base, "BLOCK_N": 64}, None))
-        jobs.append(("cls-varlen", kf._cls_attn_kernel, dtype,
-                     {**base, "BLOCK_N": 64, "VARLEN": True}, None))
-        jobs.append(("pre", kb._attn_bwd_preprocess_kernel, dtype,
-                     {**base, "HAS_DLSE": has_dlse, "HAS_CLS": has_cls, "BLOCK_M": 64,
-                      "BLOCK_N": 64},
-                     None))
-        for cfg in dkdv_cfgs:
-            jobs.append(("dkdv", kb._attn_bwd_dkdv, dtype, {**base, "HAS_CLS": has_cls}, cfg))
-        for cfg in dq_cfgs:
-            jobs.append(("dq", kb._attn_bwd_dq, dtype, {**base, "HAS_CLS": has_cls}, cfg))
-        jobs.append(("dkdv-varlen", kb._attn_bwd_dkdv, dtype,
-                     {**base, "HAS_CLS": has_cls, "VARLEN": True}, dkdv_cfgs[0]))
-        jobs.append(("dq-varlen", kb._attn_bwd_dq, dtype,
-                     {**base, "HAS_CLS": has_cls, "VARLEN": True}, dq_cfgs[0]))
-    for (name, kernel, dtype, consts, cfg), arch in itertools.product(jobs, archs):
-        t = time.time()
-        tag = (f"{name:<11} sm_{arch} {dtype} D={consts['HEAD_DIM']:<3} "
-               f"{'all-on ' if consts['HAS_BIAS'] else 'all-off'}")
-        if cfg is not None:
-            tag += f" M={cfg.kwargs['BLOCK_M']:<3} N={cfg.kwargs['BLOCK_N']:<3} " \
-                   f"w={cfg.num_warps} s={cfg.num_stages}"
-        try:
-            smem = compile_one(kernel, dtype, consts, cfg, arch)
-            over = smem > SMEM_LIMIT[arch]
-            print(f"{'SMEM ' if over else 'ok   '}{tag} smem={smem // 1024}KB "
-                  f"{time.time() - t:.1f}s", flush=True)
-        except Exception as e:  # report and go on
-            failures += 1
-            msg = str(e).strip().splitlines()
-            print(f"FAIL {tag}: {type(e).__name__}: {msg[-1] if msg else ''}", flush=True)
-    print(f"{len(jobs) * len(archs)} compiles, {failures} failures")
+    ops = [op for op in aot_table.OPS
+           if a.ops is None or any(op.name.startswith(x) for x in a.ops.split(","))]
+    if not ops:
+        p.error(f"--ops {a.ops} matches none of {[op.name for op in aot_table.OPS]}")
+    t0 = time.time()
+    rows, failures = plan(ops, a.quick, archs)
+    sweeps = [(op, cases) for op in ops for name, cases in aot_table.RETUNE_SWEEPS
+              if name == op.name]
+    failures += retune_failures(sweeps)
+
+    _ROWS[:] = rows.values()
+    if a.jobs > 1:
+        with multiprocessing.get_context("fork").Pool(a.jobs) as pool:
+            results = pool.map(_compile_row, range(len(_ROWS)), chunksize=1)
+    else:
+        results = [_compile_row(i) for i in range(len(_ROWS))]
+    for row, res in zip(_ROWS, results):
+        row.res = res
+
+    print(f"{'':5}{'op':<32}{'kernel':<30}{'case':<44}{'config':<26}{'src':<9}"
+          f"{'regs':>5}{'spill':>7}{'smem KB':>9}{'s':>6}")
+    for row in _ROWS:
+        why = verdict(row)
+        if why:
+            failures.append(f"FAIL {row.op} {row.kernel} sm_{row.arch} {case_label(row.case)} "
+                            f"{row.config}: {why}")
+        if why or not a.failures_only:
+            r = row.res
+            more = f" (+{row.count - 1})" if row.count > 1 else ""
+            print(f"{'FAIL' if why else 'ok':<5}{row.op:<32}{row.kernel:<30}"
+                  f"{(case_label(row.case) + more)[:43]:<44}{row.config[:25]:<26}"
+                  f"{row.source:<9}{r.regs:>5}{r.spill:>7}{r.smem / 1024:>9.1f}"
+                  f"{r.seconds:>6.1f}", flush=True)
+    for f in failures:
+        print(f)
+    print(f"{len(_ROWS)} compiles for sm_{','.join(map(str, archs))} in "
+          f"{time.time() - t0:.0f} s, {len(failures)} failures")
     return 1 if failures else 0
 
 

@@ -21,6 +21,10 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kBlockC = 256;  // channels per forward block
+// A register budget of 64 per thread (at least 4 blocks of 256 threads per SM): left to itself
+// ptxas 13 aims for full occupancy with 32-40 registers and spills (8-28 B per thread in the
+// forward; tests/test_cuda_resources.py checks the built binary).
+constexpr int kMinBlocks = 4;
 
 // Does token i come before token j in the stable descending order (NaN above numbers)?
 __device__ __forceinline__ bool precedes(float ai, int i, float aj, int j) {
@@ -31,7 +35,7 @@ __device__ __forceinline__ bool precedes(float ai, int i, float aj, int j) {
 }
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     evit_select_fwd_kernel(const T* __restrict__ x,   // (B, N, C), strides sx*
                            const T* __restrict__ a,   // (B, P), strides sa*
                            T* __restrict__ out,       // (B, 1 + keep + fuse, C), contiguous
@@ -103,7 +107,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     evit_select_bwd_kernel(const T* __restrict__ go,  // (B, 1 + keep + fuse, C), strides sg*
                            const T* __restrict__ x,   // (B, N, C), strides sx*
                            const T* __restrict__ a,   // (B, P), strides sa*

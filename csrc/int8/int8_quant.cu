@@ -107,8 +107,11 @@ __global__ void __launch_bounds__(kMaxThreads)
   quantize_row<VEC, NP>(v, K, true, smem, q + row * K, scale + row);
 }
 
+// min blocks 1: the whole register file is the budget. Left to itself ptxas 13 trades
+// registers for occupancy and spills (4 B per thread for float rows of 16 values on sm_80),
+// though the row (NP x VEC floats per thread) is meant to stay in registers.
 template <typename T, int VEC, int NP>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxThreads, 1)
     layernorm_quant_kernel(const T* __restrict__ x,  // (M, C), row stride `stride_row`
                            const float* __restrict__ w,  // (C,) or nullptr
                            const float* __restrict__ b,  // (C,) or nullptr

@@ -1,6 +1,7 @@
 // ToMe size-weighted merge along a matching (xray_ops.tome_merge), forward and backward, CUDA.
 //
-// Both directions are gathers, so no atomics and bitwise-reproducible results:
+// Both directions are gathers, so no atomics and bitwise-reproducible results (grid: row blocks
+// on x, the batch on y):
 //   forward:  a warp per output slot walks its group (slot_src[slot_start[o]:slot_start[o+1]]:
 //             the slot's own token, then the A tokens merged into it), accumulates size·x and
 //             size in fp32 and writes sum(size·x) / sum(size) and sum(size). x is read once.
@@ -16,49 +17,56 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+// A register budget of 64 per thread (at least 4 blocks per SM): left to itself ptxas 13 aims
+// for full occupancy and spills 8 B per thread in the forward.
+constexpr int kMinBlocks = 4;
+// Grid: x = blocks of kWarps rows (slots or tokens; up to 2^31 - 1, so any N < 2^30), y = the
+// batch, capped at the y limit with a grid-stride loop over b beyond it.
+constexpr int64_t kMaxGridY = 65535;
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     tome_merge_fwd_kernel(const T* __restrict__ x,              // (B, N, C), strides sx*
                           const T* __restrict__ size,           // (B, N, 1), strides ss* or null
                           const int64_t* __restrict__ slot_src,    // (B, N)
                           const int64_t* __restrict__ slot_start,  // (B, n_out + 1)
                           T* __restrict__ out,                  // (B, n_out, C), contiguous
                           T* __restrict__ size_out,             // (B, n_out, 1), contiguous
-                          int N, int C, int n_out, int64_t sxb, int64_t sxn, int64_t sxc,
-                          int64_t ssb, int64_t ssn) {
-  const int64_t b = blockIdx.x;
+                          int64_t B, int N, int C, int n_out, int64_t sxb, int64_t sxn,
+                          int64_t sxc, int64_t ssb, int64_t ssn) {
   const int lane = threadIdx.x & 31;
-  const int o = blockIdx.y * kWarps + (threadIdx.x >> 5);
+  const int o = blockIdx.x * kWarps + (threadIdx.x >> 5);
   if (o >= n_out) return;
-  const int64_t st = slot_start[b * (n_out + 1) + o], en = slot_start[b * (n_out + 1) + o + 1];
-  const int64_t* group = slot_src + b * N;
-  const T* xb = x + b * sxb;
-  float total = 0.f;
-  for (int64_t t = st; t < en; ++t)
-    total += size ? static_cast<float>(size[b * ssb + group[t] * ssn]) : 1.f;
-  T* orow = out + (b * n_out + o) * (int64_t)C;
-  for (int c = lane * VEC; c < C; c += 32 * VEC) {
-    float acc[VEC];
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    const int64_t st = slot_start[b * (n_out + 1) + o], en = slot_start[b * (n_out + 1) + o + 1];
+    const int64_t* group = slot_src + b * N;
+    const T* xb = x + b * sxb;
+    float total = 0.f;
+    for (int64_t t = st; t < en; ++t)
+      total += size ? static_cast<float>(size[b * ssb + group[t] * ssn]) : 1.f;
+    T* orow = out + (b * n_out + o) * (int64_t)C;
+    for (int c = lane * VEC; c < C; c += 32 * VEC) {
+      float acc[VEC];
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) acc[k] = 0.f;
-    for (int64_t t = st; t < en; ++t) {  // the group's fixed order: deterministic sums
-      const int64_t p = group[t];
-      const float s = size ? static_cast<float>(size[b * ssb + p * ssn]) : 1.f;
-      float v[VEC];
-      load_pack<T, VEC>(xb + p * sxn + c * sxc, v);
+      for (int k = 0; k < VEC; ++k) acc[k] = 0.f;
+      for (int64_t t = st; t < en; ++t) {  // the group's fixed order: deterministic sums
+        const int64_t p = group[t];
+        const float s = size ? static_cast<float>(size[b * ssb + p * ssn]) : 1.f;
+        float v[VEC];
+        load_pack<T, VEC>(xb + p * sxn + c * sxc, v);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) acc[k] = fmaf(s, v[k], acc[k]);
+        for (int k = 0; k < VEC; ++k) acc[k] = fmaf(s, v[k], acc[k]);
+      }
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) acc[k] = __fdiv_rn(acc[k], total);
+      store_pack<T, VEC>(orow + c, acc);
     }
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) acc[k] = __fdiv_rn(acc[k], total);
-    store_pack<T, VEC>(orow + c, acc);
+    if (lane == 0) size_out[b * n_out + o] = static_cast<T>(total);
   }
-  if (lane == 0) size_out[b * n_out + o] = static_cast<T>(total);
 }
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     tome_merge_bwd_kernel(const T* __restrict__ go,     // (B, n_out, C), strides sg*
                           const T* __restrict__ gso,    // (B, n_out, 1), strides sgs* or null
                           const T* __restrict__ x,      // (B, N, C), strides sx*
@@ -68,45 +76,47 @@ __global__ void __launch_bounds__(kThreads)
                           const int64_t* __restrict__ dest,  // (B, N)
                           T* __restrict__ gx,           // (B, N, C), contiguous
                           T* __restrict__ gs,           // (B, N, 1), contiguous
-                          int N, int C, bool size_grad, int64_t sgb, int64_t sgn, int64_t sgc,
+                          int64_t B, int N, int C, bool size_grad, int64_t sgb, int64_t sgn,
+                          int64_t sgc,
                           int64_t sgsb, int64_t sgsn, int64_t sxb, int64_t sxn, int64_t sxc,
                           int64_t ssb, int64_t ssn, int64_t sob, int64_t son, int64_t soc,
                           int64_t ssob, int64_t sson) {
-  const int64_t b = blockIdx.x;
   const int lane = threadIdx.x & 31;
-  const int p = blockIdx.y * kWarps + (threadIdx.x >> 5);
+  const int p = blockIdx.x * kWarps + (threadIdx.x >> 5);
   if (p >= N) return;
-  const int64_t o = dest[b * N + p];
-  const float S = static_cast<float>(so[b * ssob + o * sson]);
-  const float s = size ? static_cast<float>(size[b * ssb + p * ssn]) : 1.f;
-  const float w = __fdiv_rn(s, S);
-  const T* grow = go + b * sgb + o * sgn;
-  const T* xrow = x + b * sxb + p * sxn;
-  const T* orow = xo + b * sob + o * son;
-  T* gxrow = gx + (b * N + p) * (int64_t)C;
-  float dot = 0.f;
-  for (int c = lane * VEC; c < C; c += 32 * VEC) {
-    float g[VEC], r[VEC];
-    load_pack<T, VEC>(grow + c * sgc, g);
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    const int64_t o = dest[b * N + p];
+    const float S = static_cast<float>(so[b * ssob + o * sson]);
+    const float s = size ? static_cast<float>(size[b * ssb + p * ssn]) : 1.f;
+    const float w = __fdiv_rn(s, S);
+    const T* grow = go + b * sgb + o * sgn;
+    const T* xrow = x + b * sxb + p * sxn;
+    const T* orow = xo + b * sob + o * son;
+    T* gxrow = gx + (b * N + p) * (int64_t)C;
+    float dot = 0.f;
+    for (int c = lane * VEC; c < C; c += 32 * VEC) {
+      float g[VEC], r[VEC];
+      load_pack<T, VEC>(grow + c * sgc, g);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) r[k] = w * g[k];
-    store_pack<T, VEC>(gxrow + c, r);
-    if (size_grad) {
-      float xv[VEC], ov[VEC];
-      load_pack<T, VEC>(xrow + c * sxc, xv);
-      load_pack<T, VEC>(orow + c * soc, ov);
+      for (int k = 0; k < VEC; ++k) r[k] = w * g[k];
+      store_pack<T, VEC>(gxrow + c, r);
+      if (size_grad) {
+        float xv[VEC], ov[VEC];
+        load_pack<T, VEC>(xrow + c * sxc, xv);
+        load_pack<T, VEC>(orow + c * soc, ov);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) dot = fmaf(g[k], xv[k] - ov[k], dot);
+        for (int k = 0; k < VEC; ++k) dot = fmaf(g[k], xv[k] - ov[k], dot);
+      }
     }
-  }
-  dot = warp_sum(dot);  // butterfly: a fixed order
-  if (lane == 0) {
-    float v = 0.f;
-    if (size_grad) {
-      v = __fdiv_rn(dot, S);
-      if (gso) v += static_cast<float>(gso[b * sgsb + o * sgsn]);
+    dot = warp_sum(dot);  // butterfly: a fixed order
+    if (lane == 0) {
+      float v = 0.f;
+      if (size_grad) {
+        v = __fdiv_rn(dot, S);
+        if (gso) v += static_cast<float>(gso[b * sgsb + o * sgsn]);
+      }
+      gs[b * N + p] = static_cast<T>(v);
     }
-    gs[b * N + p] = static_cast<T>(v);
   }
 }
 
@@ -162,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor> tome_merge_forward(const at::Tensor& x,
   auto size_out = at::empty({B, n_out, 1}, x.options());
   if (B == 0 || n_out == 0) return {out, size_out};
   auto stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid(B, (n_out + kWarps - 1) / kWarps);
+  const dim3 grid((n_out + kWarps - 1) / kWarps, std::min(B, kMaxGridY));
   XO_DISPATCH_HALF_BF16_FLOAT(x.scalar_type(), "tome_merge_forward", [&] {
     const scalar_t* sp = size ? size->data_ptr<scalar_t>() : nullptr;
     const int64_t ssb = size ? size->stride(0) : 0, ssn = size ? size->stride(1) : 0;
@@ -171,8 +181,8 @@ std::tuple<at::Tensor, at::Tensor> tome_merge_forward(const at::Tensor& x,
       tome_merge_fwd_kernel<scalar_t, VEC><<<grid, kThreads, 0, stream>>>(
           x.data_ptr<scalar_t>(), sp, slot_src.data_ptr<int64_t>(),
           slot_start.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
-          size_out.data_ptr<scalar_t>(), N, C, n_out, x.stride(0), x.stride(1), x.stride(2), ssb,
-          ssn);
+          size_out.data_ptr<scalar_t>(), B, N, C, n_out, x.stride(0), x.stride(1), x.stride(2),
+          ssb, ssn);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (vector_width<scalar_t>(C, {&x, &out}) > 1)
@@ -213,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor> tome_merge_backward(
   auto gs = at::empty({B, N, 1}, x.options());
   if (B == 0 || N == 0) return {gx, gs};
   auto stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid(B, (N + kWarps - 1) / kWarps);
+  const dim3 grid((N + kWarps - 1) / kWarps, std::min(B, kMaxGridY));
   const bool sg = size_grad && size.has_value();
   XO_DISPATCH_HALF_BF16_FLOAT(x.scalar_type(), "tome_merge_backward", [&] {
     const scalar_t* sp = size ? size->data_ptr<scalar_t>() : nullptr;
@@ -226,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor> tome_merge_backward(
       tome_merge_bwd_kernel<scalar_t, VEC><<<grid, kThreads, 0, stream>>>(
           grad_out.data_ptr<scalar_t>(), gsop, x.data_ptr<scalar_t>(), sp,
           x_out.data_ptr<scalar_t>(), size_out.data_ptr<scalar_t>(), dest.data_ptr<int64_t>(),
-          gx.data_ptr<scalar_t>(), gs.data_ptr<scalar_t>(), N, C, sg, grad_out.stride(0),
+          gx.data_ptr<scalar_t>(), gs.data_ptr<scalar_t>(), B, N, C, sg, grad_out.stride(0),
           grad_out.stride(1), grad_out.stride(2), sgsb, sgsn, x.stride(0), x.stride(1),
           x.stride(2), ssb, ssn, x_out.stride(0), x_out.stride(1), x_out.stride(2),
           size_out.stride(0), size_out.stride(1));

@@ -101,18 +101,19 @@ class EViTConfig:
         except TypeError:
             raise TypeError(f"locations: expected an iterable of ints, got "
                             f"{type(self.locations).__name__} ({self.locations!r})") from None
-        for i, v in enumerate(locs):
-            _validate.integer(v, f"locations[{i}]", lo=0)
+        locs = tuple(_validate.integer(v, f"locations[{i}]", lo=0) for i, v in enumerate(locs))
         if len(set(locs)) != len(locs):
             raise ValueError(f"locations: expected distinct block indices, got {locs}")
         object.__setattr__(self, "locations", tuple(sorted(locs)))
         _validate.boolean(self.fuse, "fuse")
-        _validate.integer(self.warmup_steps, "warmup_steps", lo=0)
-        _validate.integer(self.shrink_steps, "shrink_steps", lo=0)
+        object.__setattr__(self, "warmup_steps",
+                           _validate.integer(self.warmup_steps, "warmup_steps", lo=0))
+        object.__setattr__(self, "shrink_steps",
+                           _validate.integer(self.shrink_steps, "shrink_steps", lo=0))
 
     def check_depth(self, depth: int) -> None:
         """ValueError unless every location is a block index of a model with ``depth`` blocks."""
-        _validate.integer(depth, "depth", lo=1)
+        depth = _validate.integer(depth, "depth", lo=1)
         bad = [i for i in self.locations if i >= depth]
         if bad:
             raise ValueError(f"locations: expected block indices in [0, {depth - 1}] for a model "
