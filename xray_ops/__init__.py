@@ -19,6 +19,7 @@ from .ops.tome import (  # noqa: E402
 from . import nn  # noqa: E402
 from .quantize import Int8Config, quantize_  # noqa: E402
 from .retrieval import EmbeddingIndex  # noqa: E402
+from . import patch  # noqa: E402
 
 __all__ = [
     "__version__", "info", "set_backend", "backend", "last_backend", "BackendError",
@@ -27,5 +28,5 @@ __all__ = [
     "quantize_", "EmbeddingIndex",
     "flash_attention", "flash_attention_qkvpacked", "flash_attention_varlen",
     "tome_merge", "tome_match", "tome_unmerge", "tome_merge_source", "tome_key_bias",
-    "ToMeMatch", "ToMeConfig",
+    "ToMeMatch", "ToMeConfig", "patch",
 ]
