@@ -308,10 +308,12 @@ def tome_match(metric: torch.Tensor, r: int, class_token: bool, distill_token: b
         # (the interpreter: whole rows of up to 64 channels, fewer Python-level steps)
         block_d = max(16, min(64, triton.next_power_of_2(D))) if big > 1 else SCORES_BLOCK_D
         blocks = dict(BLOCK_A=32 * big, BLOCK_B=64 * big, BLOCK_D=block_d)
+    # two stages: with Triton's default three, ptxas spilled 8 B per thread at sm_90 where N
+    # is not a multiple of 16 (tools/triton_aot_check.py); one, two and four stages do not
     _tome_scores_kernel[(B, triton.cdiv(Na, blocks["BLOCK_A"]))](
         unit, node_max, node_idx, N, Na, Nb, D,
         CLASS_TOKEN=class_token, DISTILL_TOKEN=distill_token, USE_DOT=not f64,
-        ACC_DTYPE=acc, **blocks, num_warps=4,
+        ACC_DTYPE=acc, **blocks, num_warps=4, num_stages=2,
     )
     _tome_rank_kernel[(B, triton.cdiv(Na, 32 * big))](
         node_max, rank, Na, BLOCK_I=32 * big, BLOCK_K=64 * big, num_warps=4,
