@@ -139,6 +139,14 @@ def time_ms(fn: Callable[[], object], device: str, quick: bool, grad_to_none=Non
                                              grad_to_none=grad_to_none, return_mode="median"))
     import torch.utils.benchmark as tb
 
+    if grad_to_none:  # as do_bench does on the GPU: no gradient accumulation in the timing
+        inner = fn
+
+        def fn():
+            for t in grad_to_none:
+                t.grad = None
+            return inner()
+
     fn()  # warm-up (JIT compiles, caches)
     # Timer runs the statement on ONE thread unless told otherwise (whatever
     # torch.set_num_threads says), while numba kernels use their own pool on every core: give

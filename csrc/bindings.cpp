@@ -2,9 +2,12 @@
 // header; the functional layer (xray_ops/ops/*.py) calls them through xray_ops._ext.
 #include <torch/extension.h>
 
+#include "bias_gelu/bias_gelu.h"
 #include "evit/evit_select.h"
 #include "flash_attn/flash_fwd.h"
 #include "int8/int8.h"
+#include "layer_norm/layer_norm.h"
+#include "lion/lion.h"
 #include "tome/tome.h"
 
 #ifndef XRAY_OPS_CUDA_ARCHS
@@ -28,7 +31,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_layernorm_quant", &xray_ops::int8_layernorm_quant,
         "LayerNorm + per-token int8 quantization: (x, weight, bias, eps) -> (x_q, scale)");
   m.def("int8_matmul", &xray_ops::int8_matmul,
-        "int8 GEMM + fused epilogue: (a_q, b_q, a_scale, b_scale, bias, out_dtype, gelu) -> out");
+        "int8 GEMM + fused epilogue: (a_q, b_q, a_scale, b_scale, bias, out_dtype, gelu, "
+        "gelu_tanh) -> out",
+        pybind11::arg("a_q"), pybind11::arg("b_q"), pybind11::arg("a_scale"),
+        pybind11::arg("b_scale"), pybind11::arg("bias"), pybind11::arg("out_dtype"),
+        pybind11::arg("gelu"), pybind11::arg("gelu_tanh") = false);
   m.def("tome_match", &xray_ops::tome_match,
         "ToMe matching: (metric, r, class_token, distill_token) -> [unm_idx, src_idx, dst_idx, "
         "dest, slot_src, slot_start]");
@@ -37,4 +44,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tome_merge_backward", &xray_ops::tome_merge_backward,
         "ToMe merge backward: (grad_out, grad_size_out, x, size, x_out, size_out, dest, "
         "size_grad) -> (grad_x, grad_size)");
+  m.def("layer_norm_forward", &xray_ops::layer_norm_forward,
+        "LayerNorm (+ residual, LayerScale) forward: (x, weight, bias, eps, residual, gamma) -> "
+        "[y, s, mean, rstd]");
+  m.def("layer_norm_backward", &xray_ops::layer_norm_backward,
+        "LayerNorm backward: (grad_y, grad_s, x, branch, weight, has_bias, gamma, mean, rstd) -> "
+        "[ds, dx, dweight, dbias, dgamma]");
+  m.def("bias_gelu_forward", &xray_ops::bias_gelu_forward,
+        "bias + GELU forward: (x, bias, tanh) -> y");
+  m.def("bias_gelu_backward", &xray_ops::bias_gelu_backward,
+        "bias + GELU backward: (grad_y, x, bias, tanh) -> [grad_x, grad_bias]");
+  m.def("lion_step", &xray_ops::lion_step,
+        "multi-tensor Lion step in place: (params, grads, exp_avgs, lr, beta1, beta2, "
+        "weight_decay)");
 }

@@ -3,8 +3,8 @@
 C (M, N) = epilogue(A (M, K) int8 @ B (N, K)ᵀ int8), B in nn.Linear's weight layout.
 tl.dot on int8 tiles accumulates exactly in int32 (wgmma / mma on the GPU; also right under
 the interpreter). The epilogue runs on the int32 tile in registers: acc · a_scale[m] ·
-b_scale[n] (+ bias[n]) (→ exact GELU) in float32, then one cast to the output dtype — the
-int32 result never goes to memory.
+b_scale[n] (+ bias[n]) (→ GELU, exact or tanh: kernels/gelu.py, the GELU of bias_gelu) in
+float32, then one cast to the output dtype — the int32 result never goes to memory.
 
 Grid: one program per (BLOCK_M, BLOCK_N) tile, grouped GROUP_M row-tiles at a time so the
 B tiles a group needs stay in L2. Autotuned on the GPU (keyed on N, K, the power of two
@@ -20,6 +20,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .gelu import gelu as _gelu
 
 
 # Problems of at least this many multiply-adds are autotuned (on the GPU); smaller ones take a
@@ -96,6 +98,7 @@ def _int8_matmul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    GELU_TANH: tl.constexpr = False,  # the tanh approximation (with GELU)
 ):
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -133,8 +136,8 @@ def _int8_matmul_kernel(
     if HAS_BIAS:
         bias = tl.load(BIAS_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)
         y = y + bias[None, :]
-    if GELU:
-        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    if GELU:  # the GELU of bias_gelu (kernels/gelu.py)
+        y = _gelu(y, GELU_TANH)
     c_ptrs = C_ptr + offs_m[:, None] * N + offs_n[None, :]
     # one cast back to the output dtype
     tl.store(c_ptrs, y.to(C_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -149,7 +152,7 @@ _int8_matmul_autotuned = triton.autotune(configs=_configs(),
 
 def int8_matmul(a_q: torch.Tensor, b_q: torch.Tensor, a_scale: torch.Tensor,
                 b_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-                gelu: bool) -> torch.Tensor:
+                gelu: bool, gelu_tanh: bool = False) -> torch.Tensor:
     """a_q (M, K) int8, b_q (N, K) int8, a_scale (M, 1), b_scale (N,), bias (N,) | None ->
     (M, N) out_dtype, contiguous."""
     M, K = a_q.shape
@@ -167,8 +170,9 @@ def int8_matmul(a_q: torch.Tensor, b_q: torch.Tensor, a_scale: torch.Tensor,
             a_scale.stride(0), b_scale.stride(0), bias_t.stride(0))
     interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if not interpreting and M * N * K >= AUTOTUNE_MIN_MACS:
-        _int8_matmul_autotuned[grid](*args, HAS_BIAS=bias is not None, GELU=gelu)
+        _int8_matmul_autotuned[grid](*args, HAS_BIAS=bias is not None, GELU=gelu,
+                                     GELU_TANH=gelu_tanh)
     else:
         _int8_matmul_kernel[grid](*args, HAS_BIAS=bias is not None, GELU=gelu,
-                                  **_fixed_config(M, interpreting))
+                                  GELU_TANH=gelu_tanh, **_fixed_config(M, interpreting))
     return c

@@ -387,7 +387,7 @@ def test_bad_inputs_name_the_argument():
         xo.int8_matmul(a, b, a_s.long(), b_s)
     with pytest.raises(TypeError, match="out_dtype: expected"):
         xo.int8_matmul(a, b, a_s, b_s, out_dtype=torch.int32)
-    with pytest.raises(ValueError, match="activation: expected None or 'gelu'"):
+    with pytest.raises(ValueError, match="activation: expected None, 'gelu' or 'gelu_tanh'"):
         xo.int8_matmul(a, b, a_s, b_s, activation="relu")
     with pytest.raises(RuntimeError, match="b_scale: int8_matmul is an inference op"):
         xo.int8_matmul(a, b, a_s, b_s.requires_grad_())

@@ -234,6 +234,85 @@ def int8_matmul(out, M, N, K, bias=True, gelu=False):
 
 
 # ----------------------------------------------------------------------------------------------
+# training kernels (kernels/layer_norm.py, bias_gelu.py, lion.py, contrastive_loss.py)
+# ----------------------------------------------------------------------------------------------
+def _ln_inputs(dtype, M, C, params):
+    dt = DTYPES[dtype]
+    p = meta(C, dtype=FP32 if params == "fp32" else dt)  # fp32 master weights beside bf16 rows
+    return dt, p
+
+
+def layer_norm_forward(dtype, M, C, residual=True, params="same"):
+    from xray_ops.kernels import layer_norm as k
+
+    dt, p = _ln_inputs(dtype, M, C, params)
+    k.layer_norm_forward(meta(M, C, dtype=dt), p, p, 1e-6,
+                         meta(M, C, dtype=dt) if residual else None, p if residual else None)
+
+
+def layer_norm_backward(dtype, M, C, residual=True, params="same"):
+    from xray_ops.kernels import layer_norm as k
+
+    dt, p = _ln_inputs(dtype, M, C, params)
+    rows = [meta(M, C, dtype=dt) for _ in range(4)]
+    k.layer_norm_backward(rows[0], rows[1] if residual else None, rows[2],
+                          rows[3] if residual else None, p, p, p if residual else None,
+                          meta(M, dtype=FP32), meta(M, dtype=FP32))
+
+
+def bias_gelu_forward(dtype, M, C, approximate="none"):
+    from xray_ops.kernels import bias_gelu as k
+
+    dt = DTYPES[dtype]
+    k.bias_gelu_forward(meta(M, C, dtype=dt), meta(C, dtype=dt), approximate)
+
+
+def bias_gelu_backward(dtype, M, C, approximate="none"):
+    from xray_ops.kernels import bias_gelu as k
+
+    dt = DTYPES[dtype]
+    k.bias_gelu_backward(meta(M, C, dtype=dt), meta(M, C, dtype=dt), meta(C, dtype=dt),
+                         approximate)
+
+
+# a ViT-L/16's parameter shapes, in kind (a block's, then the embeddings and head)
+_VIT_L_SHAPES = [(1024,), (3072, 1024), (3072,), (1024, 1024), (4096, 1024), (4096,),
+                 (1024, 4096), (1, 197, 1024), (1024, 3, 16, 16), (1000, 1024)]
+
+
+def lion(dtype, state):
+    from xray_ops.kernels import lion as k
+
+    dt, st = DTYPES[dtype], DTYPES[state]
+    k.lion_step([meta(*s, dtype=dt) for s in _VIT_L_SHAPES],
+                [meta(*s, dtype=dt) for s in _VIT_L_SHAPES],
+                [meta(*s, dtype=st) for s in _VIT_L_SHAPES], 1e-4, 0.9, 0.99, 0.1)
+
+
+def _scale():
+    return torch.empty((), device="meta", dtype=FP32)  # the logit scale, 0-dim
+
+
+def contrastive_forward(dtype, B, C):
+    from xray_ops.kernels import contrastive_loss as k
+
+    dt = DTYPES[dtype]
+    k.row_stats(meta(B, C, dtype=dt), meta(B, C, dtype=dt), _scale())
+
+
+def contrastive_backward(dtype, B, C, form="full"):
+    from xray_ops.kernels import contrastive_loss as k
+
+    dt = DTYPES[dtype]
+    lse = meta(B, dtype=FP32)
+    # the full form's pass has both softmax terms, the local form's one or the other
+    k.row_grads(meta(B, C, dtype=dt), meta(B, C, dtype=dt), _scale(), lse,
+                lse if form == "full" else None)
+    if form == "local":
+        k.row_grads(meta(B, C, dtype=dt), meta(B, C, dtype=dt), _scale(), None, lse)
+
+
+# ----------------------------------------------------------------------------------------------
 # the table
 # ----------------------------------------------------------------------------------------------
 _FLASH_D = [32, 64, 80, 96, 128, 192, 256]
@@ -294,6 +373,36 @@ OPS = [
        + grid(out=["bf16"], M=[50432], N=[1024], K=[4096], bias=[True, False], gelu=[False])
        + grid(out=["bf16"], M=[50432], N=[3072], K=[1024], bias=[True], gelu=[False]),
        grid(out=["bf16"], M=[50432], N=[4096], K=[1024], bias=[True], gelu=[True])),
+    # training kernels: rows of a ViT at batch 256 (M = 50432 tokens) and a wide 8192 row
+    Op("layer_norm.forward", layer_norm_forward,
+       grid(dtype=["fp16", "bf16", "fp32"], M=[50432], C=[384, 768, 1024, 4096, 8192],
+            residual=[True, False])
+       + grid(dtype=["bf16"], M=[50432], C=[1024], params=["fp32"]),
+       grid(dtype=["bf16"], M=[50432], C=[1024], params=["fp32"])),
+    Op("layer_norm.backward", layer_norm_backward,
+       grid(dtype=["fp16", "bf16", "fp32"], M=[50432], C=[384, 768, 1024, 4096, 6144, 8192],
+            residual=[True, False])
+       + grid(dtype=["bf16"], M=[50432], C=[1024], params=["fp32"]),
+       grid(dtype=["bf16"], M=[50432], C=[1024, 8192])),
+    Op("bias_gelu.forward", bias_gelu_forward,
+       grid(dtype=["fp16", "bf16", "fp32"], M=[50432], C=[1536, 3072, 4096, 5000],
+            approximate=["none", "tanh"]),
+       grid(dtype=["bf16"], M=[50432], C=[4096], approximate=["none"])),
+    Op("bias_gelu.backward", bias_gelu_backward,
+       grid(dtype=["fp16", "bf16", "fp32"], M=[50432], C=[1536, 3072, 4096, 5000],
+            approximate=["none", "tanh"]),
+       grid(dtype=["bf16"], M=[50432], C=[4096], approximate=["tanh"])),
+    Op("lion", lion,
+       grid(dtype=["fp16", "bf16", "fp32"], state=["fp32", "bf16"]),
+       grid(dtype=["fp32"], state=["bf16"])),
+    # CLIP batches: C = 64 (one K block: the accumulator in registers), 512, 1024
+    Op("contrastive_loss.forward", contrastive_forward,
+       grid(dtype=["fp16", "bf16", "fp32"], B=[4096, 65536], C=[64, 512, 1024]),
+       grid(dtype=["bf16"], B=[16384], C=[1024])),
+    Op("contrastive_loss.backward", contrastive_backward,
+       grid(dtype=["fp16", "bf16", "fp32"], B=[4096, 65536], C=[64, 512, 1024],
+            form=["full", "local"]),
+       grid(dtype=["bf16"], B=[16384], C=[1024])),
 ]
 
 # Lengths that must share one autotuner key per kernel: a model whose token count changes

@@ -16,7 +16,10 @@ from .ops.tome import (  # noqa: E402
     ToMeConfig, ToMeMatch, tome_key_bias, tome_match, tome_merge, tome_merge_source,
     tome_unmerge,
 )
-from . import nn  # noqa: E402
+from .ops.layer_norm import layer_norm  # noqa: E402
+from .ops.bias_gelu import bias_gelu  # noqa: E402
+from .ops.contrastive import contrastive_loss  # noqa: E402
+from . import nn, optim  # noqa: E402
 from .quantize import Int8Config, quantize_  # noqa: E402
 from .retrieval import EmbeddingIndex  # noqa: E402
 from . import patch  # noqa: E402
@@ -29,4 +32,5 @@ __all__ = [
     "flash_attention", "flash_attention_qkvpacked", "flash_attention_varlen",
     "tome_merge", "tome_match", "tome_unmerge", "tome_merge_source", "tome_key_bias",
     "ToMeMatch", "ToMeConfig", "patch",
+    "layer_norm", "bias_gelu", "contrastive_loss", "optim",
 ]

@@ -9,6 +9,11 @@ OPS = {
     "int8_accuracy": "int8_accuracy",
     "flash_attention": "flash_attention",
     "tome_merge": "tome_merge",
+    "layer_norm": "layer_norm",
+    "bias_gelu": "bias_gelu",
+    "lion": "lion",
+    "contrastive_loss": "contrastive_loss",
+    "contrastive_memory": "contrastive_memory",
 }
 
 

@@ -17,6 +17,7 @@
 // Requirements (checked on the host; the dispatcher sends other inputs elsewhere): K % 16 == 0,
 // rows of A and B contiguous and 16-byte aligned.
 #include "common.h"
+#include "gelu.cuh"
 #include "int8/int8.h"
 
 namespace xray_ops {
@@ -100,7 +101,8 @@ __global__ void __launch_bounds__(kThreads)
                      const float* __restrict__ b_scale,  // (N,)
                      const float* __restrict__ bias,     // (N,) or nullptr
                      T* __restrict__ C,                  // (M, N), contiguous
-                     int64_t M, int N, int K, int64_t lda, int64_t ldb, bool gelu) {
+                     int64_t M, int N, int K, int64_t lda, int64_t ldb, bool gelu,
+                     bool gelu_tanh) {
   extern __shared__ __align__(128) int8_t smem[];
   int8_t* sA = smem;                       // [kStages][kBM][kBK]
   int8_t* sB = smem + kStages * kAStage;  // [kStages][kBN][kBK]
@@ -206,9 +208,9 @@ __global__ void __launch_bounds__(kThreads)
         const float as = a_scale[row];
         float y0 = static_cast<float>(acc[mi][ni][2 * h]) * as * bs0 + bi0;
         float y1 = static_cast<float>(acc[mi][ni][2 * h + 1]) * as * bs1 + bi1;
-        if (gelu) {
-          y0 = 0.5f * y0 * (1.f + erff(y0 * 0.70710678118654752f));
-          y1 = 0.5f * y1 * (1.f + erff(y1 * 0.70710678118654752f));
+        if (gelu) {  // the GELU of bias_gelu (gelu.cuh)
+          y0 = gelu_tanh ? xray_ops::gelu<true>(y0) : xray_ops::gelu<false>(y0);
+          y1 = gelu_tanh ? xray_ops::gelu<true>(y1) : xray_ops::gelu<false>(y1);
         }
         store2<T>(C + row * N + col, y0, y1, second, second && even_n);
       }
@@ -237,7 +239,7 @@ void check_vector(const at::Tensor& t, int64_t n, const char* name) {
 
 at::Tensor int8_matmul(const at::Tensor& a_q, const at::Tensor& b_q, const at::Tensor& a_scale,
                        const at::Tensor& b_scale, const c10::optional<at::Tensor>& bias,
-                       c10::ScalarType out_dtype, bool gelu) {
+                       c10::ScalarType out_dtype, bool gelu, bool gelu_tanh) {
   check_operand(a_q, "a_q");
   check_operand(b_q, "b_q");
   const int64_t M = a_q.size(0), K = a_q.size(1), N = b_q.size(0);
@@ -262,7 +264,7 @@ at::Tensor int8_matmul(const at::Tensor& a_q, const at::Tensor& b_q, const at::T
     kernel<<<grid, kThreads, kSmemBytes, stream>>>(
         a_q.data_ptr<int8_t>(), b_q.data_ptr<int8_t>(), a_scale.data_ptr<float>(),
         b_scale.data_ptr<float>(), bias_ptr, out.data_ptr<scalar_t>(), M, static_cast<int>(N),
-        static_cast<int>(K), a_q.stride(0), b_q.stride(0), gelu);
+        static_cast<int>(K), a_q.stride(0), b_q.stride(0), gelu, gelu_tanh);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

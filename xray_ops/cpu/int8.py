@@ -23,8 +23,9 @@ integer order of non-negative floats is their float order, and NaNs sort above +
 vectorizes, where a float max with NaN checks does not (3x faster quantization of a ViT-S
 fc2 input).
 
-GELU uses a rational approximation of erf in float32 (Eigen's; max abs error 4.5e-7 over the
-reals, against 3e-8 for torch's float32 erf) because libm's erf does not vectorize.
+GELU is the one of bias_gelu (:mod:`xray_ops.cpu.gelu`): a rational approximation of erf in
+float32 (Eigen's; max abs error 4.5e-7 over the reals, against 3e-8 for torch's float32 erf)
+because libm's erf does not vectorize, or the tanh form on a vectorizable exp.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from ..reference import int8 as ref
+from .gelu import gelu as _gelu
 
 _QMAX = np.float32(127.0)
 
@@ -128,29 +130,8 @@ def _layernorm_quant_rows(x, w, b, has_w, has_b, eps, q, s, r0, r1):
             q[i, j] = _quantize_value(y[j], scale)
 
 
-@numba.njit(inline="always")
-def _erf(a):
-    # Eigen's generic_fast_erf_float: x·P(x²)/Q(x²) on [-4, 4] (erf(±4) rounds to ±1 in float32)
-    x = np.float32(4.0) if a > np.float32(4.0) else a
-    x = np.float32(-4.0) if x < np.float32(-4.0) else x
-    x2 = x * x
-    p = np.float32(-2.72614225801306e-10)
-    p = p * x2 + np.float32(2.77068142495902e-08)
-    p = p * x2 + np.float32(-2.10102402082508e-06)
-    p = p * x2 + np.float32(-5.69250639462346e-05)
-    p = p * x2 + np.float32(-7.34990630326855e-04)
-    p = p * x2 + np.float32(-2.95459980854025e-03)
-    p = p * x2 + np.float32(-1.60960333262415e-02)
-    qq = np.float32(-1.45660718464996e-05)
-    qq = qq * x2 + np.float32(-2.13374055278905e-04)
-    qq = qq * x2 + np.float32(-1.68282697438203e-03)
-    qq = qq * x2 + np.float32(-7.37332916720468e-03)
-    qq = qq * x2 + np.float32(-1.42647390514189e-02)
-    return x * p / qq
-
-
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _epilogue_rows(acc, out, a_s, b_s, bias, has_bias, gelu, r0, r1):
+def _epilogue_rows(acc, out, a_s, b_s, bias, has_bias, gelu, tanh, r0, r1):
     # acc (M, N) int32 and out (M, N) float32 may be the same memory: element (i, j) is read
     # before it is written, by the same thread. One branch-free loop per step: they vectorize.
     N = acc.shape[1]
@@ -162,11 +143,12 @@ def _epilogue_rows(acc, out, a_s, b_s, bias, has_bias, gelu, r0, r1):
         else:
             for j in range(N):
                 out[i, j] = np.float32(acc[i, j]) * sa * b_s[j]
-        if gelu:
+        if gelu and tanh:  # the GELU of bias_gelu (xray_ops/cpu/gelu.py)
             for j in range(N):
-                v = out[i, j]
-                out[i, j] = np.float32(0.5) * v * (np.float32(1.0)
-                                                   + _erf(v * np.float32(0.70710678118654752)))
+                out[i, j] = _gelu(out[i, j], True)
+        elif gelu:
+            for j in range(N):
+                out[i, j] = _gelu(out[i, j], False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,17 +187,18 @@ def layernorm_quant(x, weight, bias, eps):
     return q, s
 
 
-def _gemm_epilogue(acc: torch.Tensor, a_scale, b_scale, bias, out_dtype, gelu):
+def _gemm_epilogue(acc: torch.Tensor, a_scale, b_scale, bias, out_dtype, gelu, tanh):
     if out_dtype == torch.float64:
         # the definition's float64 epilogue, as is (a float32 one would round before the end)
         return ref.int8_epilogue(acc.to(torch.float64), a_scale, b_scale, bias,
-                                 "gelu" if gelu else None)
+                                 ("gelu_tanh" if tanh else "gelu") if gelu else None)
     M, N = acc.shape
     out = acc.view(torch.float32)  # written in place over the int32 accumulator
     if M and N:
         b_s = _f32(b_scale)
         _epilogue_rows(acc.numpy(), out.numpy(), _f32(a_scale), b_s,
-                       _f32(bias) if bias is not None else b_s, bias is not None, gelu, 0, M)
+                       _f32(bias) if bias is not None else b_s, bias is not None, gelu, tanh,
+                       0, M)
     return out if out_dtype == torch.float32 else out.to(out_dtype)
 
 
@@ -241,14 +224,14 @@ def _accumulate(a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(_row_major(a_q), _row_major(b_q).t()).contiguous()
 
 
-def int8_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype, gelu):
+def int8_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype, gelu, tanh=False):
     """(M, K) int8, (N, K) int8, (M, 1), (N,), (N,) | None -> (M, N) out_dtype."""
     acc = _accumulate(a_q, b_q)
-    return _gemm_epilogue(acc, a_scale, b_scale, bias, out_dtype, gelu)
+    return _gemm_epilogue(acc, a_scale, b_scale, bias, out_dtype, gelu, tanh)
 
 
-def int8_linear(x, w_q, w_scale, bias, gelu):
+def int8_linear(x, w_q, w_scale, bias, gelu, tanh=False):
     """x (M, K) float32 -> (M, N) float32: numba quantization, _int_mm, numba epilogue."""
     x_q, x_scale = quantize_per_token(x)
     acc = _accumulate(x_q, w_q)
-    return _gemm_epilogue(acc, x_scale, w_scale, bias, x.dtype, gelu)
+    return _gemm_epilogue(acc, x_scale, w_scale, bias, x.dtype, gelu, tanh)

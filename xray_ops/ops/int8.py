@@ -22,7 +22,8 @@ _SCALE_DTYPES = GPU_FLOATS
 _OUT_DTYPES = FLOATS
 # int32 accumulation is exact while K · 128 · 128 < 2**31
 MAX_K = 131071
-ACTIVATIONS = (None, "gelu")
+# the GELU of bias_gelu (xray_ops.reference.bias_gelu): exact (erf) or its tanh approximation
+ACTIVATIONS = (None, "gelu", "gelu_tanh")
 
 
 def _inference_only(op: str, **tensors) -> None:
@@ -38,8 +39,8 @@ def _inference_only(op: str, **tensors) -> None:
 
 def _activation(activation) -> str:
     if activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected None or 'gelu', got {activation!r}")
-    return "gelu" if activation == "gelu" else "none"
+        raise ValueError(f"activation: expected None, 'gelu' or 'gelu_tanh', got {activation!r}")
+    return activation or "none"
 
 
 def _features(t: torch.Tensor, name: str) -> int:
@@ -129,7 +130,8 @@ def int8_matmul(a_q: torch.Tensor, b_q: torch.Tensor, a_scale: torch.Tensor,
         out_dtype: float16, bfloat16, float32 (float64: torch and cpu backends, the epilogue
             then in float64); None means bfloat16 on the GPU, else the (promoted) dtype of
             the scales.
-        activation: None or "gelu" (the exact erf form).
+        activation: None, "gelu" (the exact erf form) or "gelu_tanh" (the tanh approximation):
+            the GELU of :func:`xray_ops.bias_gelu`.
 
     Returns:
         (M, N) out_dtype: y = (a_q @ b_qᵀ) · a_scale · b_scale (+ bias) (→ GELU), accumulated
@@ -184,7 +186,7 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
         w_q: (N, K) int8, per-output-channel symmetric (see ``xray_ops.nn.Int8Linear``).
         w_scale: (N,) float.
         bias: (N,) float or None.
-        activation: None or "gelu".
+        activation: None, "gelu" or "gelu_tanh".
 
     Returns:
         (..., N) in x.dtype.

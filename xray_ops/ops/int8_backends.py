@@ -4,7 +4,7 @@ Canonical (dispatched) arguments, always 2-D (the op bodies flatten leading dims
   quantize_per_token  (x (M, K),)
   layernorm_quant     (x (M, C), weight | None, bias | None, eps)
   int8_matmul         (a_q (M, K), b_q (N, K), a_scale (M, 1), b_scale (N,), bias | None,
-                       out_dtype, activation "none" | "gelu")
+                       out_dtype, activation "none" | "gelu" | "gelu_tanh")
   int8_linear         (x (M, K), w_q (N, K), w_scale (N,), bias | None, activation)
 """
 
@@ -37,13 +37,18 @@ _cpu_gemm = lazy(_CPU, "int8_matmul")
 _cpu_linear = lazy(_CPU, "int8_linear")
 
 
+def _gelu(activation: str) -> tuple[bool, bool]:
+    """(gelu, tanh) flags of the kernels for an activation "none" | "gelu" | "gelu_tanh"."""
+    return activation != "none", activation == "gelu_tanh"
+
+
 def _triton_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype, activation):
-    return _triton_gemm(a_q, b_q, a_scale, b_scale, bias, out_dtype, activation == "gelu")
+    return _triton_gemm(a_q, b_q, a_scale, b_scale, bias, out_dtype, *_gelu(activation))
 
 
 def _triton_linear(x, w_q, w_scale, bias, activation):
     x_q, x_scale = _triton_quantize(x)
-    return _triton_gemm(x_q, w_q, x_scale, w_scale, bias, x.dtype, activation == "gelu")
+    return _triton_gemm(x_q, w_q, x_scale, w_scale, bias, x.dtype, *_gelu(activation))
 
 
 def _rows(x):
@@ -65,21 +70,21 @@ def _cuda_layernorm_quant(x, weight, bias, eps):
 
 def _cuda_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype, activation):
     return _cuda_gemm(a_q, b_q, _f32(a_scale), _f32(b_scale), _f32(bias), out_dtype,
-                      activation == "gelu")
+                      *_gelu(activation))
 
 
 def _cuda_linear(x, w_q, w_scale, bias, activation):
     x_q, x_scale = _cuda_quantize_rows(_rows(x))
     return _cuda_gemm(x_q, w_q, x_scale.reshape(-1), _f32(w_scale), _f32(bias), x.dtype,
-                      activation == "gelu")
+                      *_gelu(activation))
 
 
 def _cpu_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype, activation):
-    return _cpu_gemm(a_q, b_q, a_scale, b_scale, bias, out_dtype, activation == "gelu")
+    return _cpu_gemm(a_q, b_q, a_scale, b_scale, bias, out_dtype, *_gelu(activation))
 
 
 def _cpu_linear_act(x, w_q, w_scale, bias, activation):
-    return _cpu_linear(x, w_q, w_scale, bias, activation == "gelu")
+    return _cpu_linear(x, w_q, w_scale, bias, *_gelu(activation))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,9 +28,10 @@ int8 GEMM, :func:`int8_matmul` (nn.Linear weight layout):
 
 from __future__ import annotations
 
-import math
 
 import torch
+
+from .bias_gelu import gelu
 
 QMAX = 127
 
@@ -99,9 +100,10 @@ def int8_accumulate(a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
     return a_q.to(torch.float64) @ b_q.to(torch.float64).T
 
 
-def gelu64(y: torch.Tensor) -> torch.Tensor:
-    """The exact (erf) GELU: 0.5·y·(1 + erf(y / √2))."""
-    return 0.5 * y * (1.0 + torch.erf(y * (1.0 / math.sqrt(2.0))))
+def gelu64(y: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """The GELU of bias_gelu (xray_ops.reference.bias_gelu.gelu): exact 0.5·y·(1 + erf(y/√2)),
+    or the tanh approximation."""
+    return gelu(y, approximate)
 
 
 def int8_epilogue(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
@@ -110,8 +112,8 @@ def int8_epilogue(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tenso
     y = acc * a_scale.to(torch.float64).reshape(-1, 1) * b_scale.to(torch.float64).reshape(1, -1)
     if bias is not None:
         y = y + bias.to(torch.float64).reshape(1, -1)
-    if activation == "gelu":
-        y = gelu64(y)
+    if activation in ("gelu", "gelu_tanh"):
+        y = gelu64(y, "tanh" if activation == "gelu_tanh" else "none")
     return y
 
 
