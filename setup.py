@@ -186,6 +186,9 @@ setup(
     version="0.1.0",
     description="Fused Triton and CUDA kernels for vision transformers: EViT, ToMe, flash "
     "attention with CLS row and key bias, int8 inference",
+    # BSD-3-Clause, as xformers and flash-attention (an SPDX expression: no license classifier)
+    license="BSD-3-Clause",
+    license_files=["LICENSE"],
     python_requires=">=3.10",
     # reference_model: the reference Xray-Visual model, its data, training and evaluation (a
     # top-level package that uses only xray_ops' public API)

@@ -1,4 +1,7 @@
 """python -m bench <op|all> [--quick] | python -m bench plot | python -m bench summary --csv F
+python -m bench e2e [--quick] [--models M,...] [--backends VARIANT,...] [--modes infer,train]
+                    [--rounds N]
+python -m bench e2e_report [--csv F]     (plots + the README table from bench/results/e2e_*.csv)
 
 Times every available implementation of an op side by side, prints a table with ratios against
 PyTorch eager, and appends the rows to bench/results/<device>.csv.
@@ -20,24 +23,35 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", help=f"an op ({', '.join(OPS)}), 'all', 'plot', or 'summary' "
-                                "(a narrow table of --csv)")
+    p.add_argument("what", help=f"an op ({', '.join(OPS)}), 'all', 'plot', 'summary' "
+                                "(a narrow table of --csv), 'e2e' (whole models, patched vs as "
+                                "they are) or 'e2e_report' (its plots and README table)")
     p.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when available")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="default: bf16 on cuda, fp32 on cpu")
-    p.add_argument("--modes", default=",".join(harness.MODES),
-                   help="comma-separated subset of fwd,bwd,fwd+bwd")
+    p.add_argument("--modes", default=None,
+                   help="comma-separated subset of fwd,bwd,fwd+bwd (e2e: of infer,train); "
+                        "default all")
     p.add_argument("--backends", default=None,
                    help="comma-separated implementations to time (eager always runs)")
     p.add_argument("--csv", default=None, help="CSV to append to (default bench/results/<device>.csv)")
     p.add_argument("--no-csv", action="store_true", help="do not write results")
     p.add_argument("--out", default=None, help="plot: folder for the PNGs")
+    p.add_argument("--models", default=None, help="e2e: comma-separated model keys")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="e2e: timing rounds over all variants (default: cpu 3, quick 2; cuda 1)")
     a = p.parse_args(argv)
 
     if a.what == "summary":  # a narrow table of the newest rows of a results CSV
         print(harness.format_compact(harness.read_csv(a.csv or p.error("summary needs --csv"))))
+        return 0
+    if a.what == "e2e_report":
+        from . import e2e_report
+
+        for path in e2e_report.main(csv_path=a.csv, out_dir=a.out):
+            print(path)
         return 0
     if a.what == "plot":
         from .plot import plot_all
@@ -47,11 +61,22 @@ def main(argv=None) -> int:
         return 0
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    if a.what == "e2e":
+        from .ops import e2e
+
+        e2e_modes = [m for m in (a.modes or ",".join(e2e.MODES)).split(",") if m]
+        for m in e2e_modes:
+            if m not in e2e.MODES:
+                p.error(f"--modes: expected a subset of {e2e.MODES} for e2e, got {m!r}")
+        e2e.run(device, dtype, a.quick, models=a.models.split(",") if a.models else None,
+                only=a.backends.split(",") if a.backends else None, rounds=a.rounds,
+                modes=e2e_modes, write_csv=not a.no_csv, csv_file=a.csv)
+        return 0
     ops = list(OPS) if a.what == "all" else [a.what]
     for op in ops:
         if op not in OPS:
             p.error(f"what: expected one of {list(OPS) + ['all', 'plot']}, got {op!r}")
-    modes = [m for m in a.modes.split(",") if m]
+    modes = [m for m in (a.modes or ",".join(harness.MODES)).split(",") if m]
     for m in modes:
         if m not in harness.MODES:
             p.error(f"--modes: expected a subset of {harness.MODES}, got {m!r}")

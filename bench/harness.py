@@ -28,9 +28,26 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 BASELINE = "eager"
 SDPA_PREFIX = "sdpa-"  # torch SDPA peers, one per forced backend ("sdpa-flash", ...)
 
-# Measured ceilings of the H200 (shared/ENVIRONMENT.md), for "% of peak" columns.
-H200_COPY_GBPS = 4300.0
-H200_BF16_TFLOPS = 790.0
+# Ceilings measured on the GPU machine, for the "% of peak" columns (the goals of the
+# memory-bound ops are stated in % of bandwidth): an H200 copies ~4.3 TB/s device to device and
+# runs a dense bf16 matmul at ~790 TFLOP/s. Keyed by a substring of the device name; devices
+# not listed get no % columns.
+PEAKS = {"H200": {"gbps": 4300.0, "tflops": 790.0}}
+
+
+def peaks_for(device_label: str) -> dict | None:
+    """{"gbps": ..., "tflops": ...} ceilings of the device named ``device_label``, or None."""
+    return next((v for k, v in PEAKS.items() if k in (device_label or "")), None)
+
+
+def percent_of_peak(row: "Row") -> tuple[float | None, float | None]:
+    """(% of peak bandwidth, % of peak TFLOP/s) of a row on a device with known ceilings."""
+    peak = peaks_for(row.device)
+    if peak is None:
+        return None, None
+    bw = 100 * row.gbps / peak["gbps"] if row.gbps is not None else None
+    tf = 100 * row.tflops / peak["tflops"] if row.tflops is not None else None
+    return bw, tf
 
 
 @dataclasses.dataclass
@@ -122,11 +139,21 @@ def time_ms(fn: Callable[[], object], device: str, quick: bool, grad_to_none=Non
                                              grad_to_none=grad_to_none, return_mode="median"))
     import torch.utils.benchmark as tb
 
+    if grad_to_none:  # as do_bench does on the GPU: no gradient accumulation in the timing
+        inner = fn
+
+        def fn():
+            for t in grad_to_none:
+                t.grad = None
+            return inner()
+
     fn()  # warm-up (JIT compiles, caches)
-    # every side on the same threads: Timer's default is one thread for torch, while the numba
-    # kernels size their pool by torch.get_num_threads()
-    m = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
-                 ).blocked_autorange(min_run_time=0.2 if quick else 1.0)
+    # Timer runs the statement on ONE thread unless told otherwise (whatever
+    # torch.set_num_threads says), while numba kernels use their own pool on every core: give
+    # both sides of a ratio the same threads.
+    m = tb.Timer(stmt="fn()", globals={"fn": fn},
+                 num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=0.2 if quick else 1.0)
     return m.median * 1e3
 
 
@@ -164,11 +191,13 @@ class Row:
     ms: float
     gbps: float | None
     tflops: float | None
+    device: str = ""  # device_name() of the machine that measured it (for % of peak)
 
 
 def run_cases(cases: Sequence[Case], device: str, quick: bool, modes: Sequence[str] = MODES,
               backends: Sequence[str] | None = None, progress: bool = True) -> list[Row]:
     rows: list[Row] = []
+    label = device_name(device)
     work = [(c, m, name) for c in cases for m in c.modes if m in modes
             for name in c.impls if backends is None or name in backends or name == BASELINE]
     bar = None
@@ -189,7 +218,7 @@ def run_cases(cases: Sequence[Case], device: str, quick: bool, modes: Sequence[s
         if ms is not None:
             b, f = case.bytes.get(mode), case.flops.get(mode)
             rows.append(Row(case.op, mode, case.shape, dt, name, ms,
-                            b / ms / 1e6 if b else None, f / ms / 1e9 if f else None))
+                            b / ms / 1e6 if b else None, f / ms / 1e9 if f else None, label))
         if bar:
             bar.update()
     if bar:
@@ -228,7 +257,7 @@ def read_csv(path: str) -> list[Row]:
                 newest[key] = r
     num = lambda v: float(v) if v else None  # noqa: E731
     return [Row(r["op"], r["mode"], r["shape"], r["dtype"], r["backend"], float(r["ms"]),
-                num(r["gbps"]), num(r["tflops"])) for r in newest.values()]
+                num(r["gbps"]), num(r["tflops"]), r["device"]) for r in newest.values()]
 
 
 def format_compact(rows: Sequence[Row]) -> str:
@@ -237,28 +266,34 @@ def format_compact(rows: Sequence[Row]) -> str:
     for r in rows:
         groups.setdefault((r.op, r.shape, r.dtype, r.mode), []).append(r)
     out = [f"{'op':<15} {'shape':<34} {'mode':<7} {'backend':<14} {'ms':>9} "
-           f"{'xEager':>7} {'xSDPA':>6}"]
+           f"{'xEager':>7} {'xSDPA':>6} {'%peak':>6}"]
     for (op, shape, _, mode), rs in groups.items():
         base = next((r.ms for r in rs if r.backend == BASELINE), None)
         sdpa = min((r.ms for r in rs if r.backend.startswith(SDPA_PREFIX)), default=None)
         for r in rs:
             e = f"{base / r.ms:6.2f}x" if base else "      -"
             v = f"{sdpa / r.ms:5.2f}x" if sdpa else "     -"
+            bw, tf = percent_of_peak(r)  # of bandwidth where bytes are known, else of TFLOP/s
+            pk = bw if bw is not None else tf
+            p = f"{pk:5.1f}%" if pk is not None else "     -"
             out.append(f"{op[:15]:<15} {shape[:34]:<34} {mode:<7} {r.backend[:14]:<14} "
-                       f"{r.ms:9.4f} {e} {v}")
+                       f"{r.ms:9.4f} {e} {v} {p}")
     return "\n".join(out)
 
 
 def format_table(rows: Sequence[Row], cases: Sequence[Case] = ()) -> str:
-    """Per (op, shape, dtype, mode): each backend's ms, GB/s or TFLOP/s, and speedup vs eager."""
+    """Per (op, shape, dtype, mode): each backend's ms, GB/s or TFLOP/s (and their % of the
+    device's peak where it is known, :data:`PEAKS`), and speedup vs eager."""
     out = []
     groups: dict[tuple, list[Row]] = {}
     for r in rows:
         groups.setdefault((r.op, r.shape, r.dtype, r.mode), []).append(r)
     # a second ratio, against the fastest torch SDPA backend, where SDPA peers were timed
     with_sdpa = any(r.backend.startswith(SDPA_PREFIX) for r in rows)
+    with_peak = any(peaks_for(r.device) for r in rows)
     header = f"{'op':<16} {'shape':<30} {'dtype':<8} {'mode':<8} {'backend':<14} " \
-             f"{'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'vs eager':>9}" + \
+             f"{'ms':>9} {'GB/s':>8} {'TFLOP/s':>8}" + \
+             (f" {'%BW':>6} {'%TFLOP':>6}" if with_peak else "") + f" {'vs eager':>9}" + \
              (f" {'vs SDPA':>8}" if with_sdpa else "")
     out.append(header)
     out.append("-" * len(header))
@@ -270,8 +305,13 @@ def format_table(rows: Sequence[Row], cases: Sequence[Case] = ()) -> str:
             gb = f"{r.gbps:8.1f}" if r.gbps is not None else "       -"
             tf = f"{r.tflops:8.2f}" if r.tflops is not None else "       -"
             vs = (f" {sdpa / r.ms:7.2f}x" if sdpa else "        -") if with_sdpa else ""
+            pk = ""
+            if with_peak:
+                bw_pct, tf_pct = percent_of_peak(r)
+                pk = "".join(f" {v:5.1f}%" if v is not None else "      -"
+                             for v in (bw_pct, tf_pct))
             out.append(f"{op:<16} {shape:<30} {dtype:<8} {mode:<8} {r.backend:<14} "
-                       f"{r.ms:9.4f} {gb} {tf} {ratio}{vs}")
+                       f"{r.ms:9.4f} {gb} {tf}{pk} {ratio}{vs}")
     notes = [(c.op, c.shape, k, v) for c in cases for k, v in c.skipped.items()]
     if notes:
         out.append("")

@@ -22,8 +22,8 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _tiles(C: int):
-    if INTERPRETING:  # few, small programs: the interpreter runs them one by one
-        return 16, min(64, triton.next_power_of_2(C))
+    if INTERPRETING:  # few programs: the interpreter runs them one by one
+        return 8, min(1024, triton.next_power_of_2(C))
     block_c = min(1024, triton.next_power_of_2(C))
     return max(1, 4096 // block_c), block_c
 

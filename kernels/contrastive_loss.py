@@ -47,9 +47,10 @@ def input_precision(dtype: torch.dtype) -> str:
 def _config(C: int, dtype: torch.dtype, grads: bool = False):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the stats (or grads) kernel.
 
-    fp16 / bf16: 64 x 64 tiles on tensor cores; the grads kernel holds P and the accumulator
-    tile besides the logits: 8 warps, 4 spill at sm_90. fp32 (IEEE dots, FMA): 32 x 32 tiles. C <= 64 keeps
-    the gradient accumulator in registers (one K block)."""
+    fp16 / bf16: 64 x 64 tiles on tensor cores, 8 warps (the grads kernel holds P and an
+    accumulator tile besides the logits). fp32 (IEEE dots, on FMA units): 32 x 32 tiles.
+    C <= 64 keeps the gradient accumulator in registers (one K block). No spills at sm_90
+    (tools/aot_table.py)."""
     if INTERPRETING:
         return 16, 16, max(16, min(256, triton.next_power_of_2(C))), 4, 1
     if dtype == torch.float32:

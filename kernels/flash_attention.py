@@ -136,9 +136,9 @@ def smem_limit(device: torch.device) -> int:
 class TilePolicy:
     """The tiles one kernel may run with, per dot kind, and the shared memory each needs.
 
-    smem(m, n, stages, d) -> bytes per element of the operands, for a head dim padded to d:
-    an upper bound of what Triton allocates (the staged operand tiles), checked against the
-    compiled kernels by the AOT check.
+    smem_elems(m, n, stages, d) -> operand elements staged in shared memory for a head dim
+    padded to d; smem() turns it into bytes plus a margin: an upper bound of what Triton
+    allocates (tests/test_flash_attention_tiles.py holds it to the compiled kernels' figures).
     """
 
     name: str
@@ -164,7 +164,8 @@ class TilePolicy:
         than the (bucketed) sequences (a 7-token call needs no 128-row tile). Where none of
         the kind's tiles fits the shared memory (a 99 KB consumer GPU at D = 256), the small
         tiles every kind compiles without spills."""
-        fit = [t for t in self.tiles[kind] if d <= t.max_d and self.smem(t.shape, d, esize) <= limit]
+        fit = [t for t in self.tiles[kind]
+               if d <= t.max_d and self.smem(t.shape, d, esize) <= limit]
         if not fit:
             fit = [t for t in SMALL_TILES if self.smem(t.shape, d, esize) <= limit]
         short = [t for t in fit if t.m <= max(n_q, 32) and t.n <= max(n_k, 32)]

@@ -1,12 +1,17 @@
 """Triton kernels for ToMe's bipartite soft matching (``xray_ops.tome_match``).
 
-Three launches, all parallel over (batch, token blocks); the (Na, Nb) score matrix never
+Four launches, all parallel over (batch, token blocks); the (Na, Nb) score matrix never
 reaches HBM:
 
-1. scores: a program owns BLOCK_A A tokens and walks the B tokens in tiles: cosine scores
-   (a·b) / (‖a‖‖b‖) with tl.dot (fp32, IEEE; float64 metrics use a multiply-sum), protected
-   row / column set to -inf, NaN counted as +inf (larger than every number, as torch.max does),
-   and a running row maximum + first argmax. Writes node_max (B, Na) and node_idx (B, Na).
+0. normalize: every token as the definition normalises it (xray_ops.reference.tome
+   .tome_normalize): scaled by a power of two that brings its largest |value| into [1, 2), then
+   divided by its norm, so no square underflows or overflows at any finite magnitude. Writes the
+   unit rows U (B, N, D) in the compute dtype (float32; float64 for float64 metrics).
+1. scores: a program owns BLOCK_A A tokens and walks the B tokens in tiles: cosine scores as
+   dot products of unit rows with tl.dot (fp32, IEEE; float64 metrics use a multiply-sum),
+   protected row / column set to -inf, NaN counted as +inf (larger than every number, as
+   torch.max does), and a running row maximum + first argmax. Writes node_max (B, Na) and
+   node_idx (B, Na).
 2. rank: each A token's position in the stable descending order of node_max (how many tokens
    come first: larger, or equal with a lower index). Writes rank (B, Na).
 3. plan: with every rank known, each token computes its output slot and place by counting
@@ -24,16 +29,73 @@ import triton.language as tl
 
 
 @triton.jit
-def _tome_scores_kernel(
+def _power_of_two_scale(amax, IS_F64: tl.constexpr):
+    # 2**k bringing amax into [1, 2), k clamped to the normal exponents, built from the bits:
+    # amax = 1.f·2**(E - bias) gives k = bias - E (a zero / subnormal amax: E = 0, the largest
+    # k; Inf / NaN: the smallest). See xray_ops.reference.tome.power_of_two_scale.
+    if IS_F64:
+        e = (amax.to(tl.int64, bitcast=True) >> 52) & 0x7FF
+        k = tl.minimum(tl.maximum(1023 - e, -1022), 1023)
+        return ((k + 1023) << 52).to(tl.float64, bitcast=True)
+    else:
+        e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+        k = tl.minimum(tl.maximum(127 - e, -126), 127)
+        return ((k + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tome_normalize_kernel(
     M_ptr,  # metric, shape (B, N, D), any strides
-    MAX_ptr,  # node_max, shape (B, Na), ACC_DTYPE, contiguous
-    IDX_ptr,  # node_idx, shape (B, Na), int32, contiguous
-    Na,
-    Nb,
+    U_ptr,  # unit rows, shape (B, N, D), ACC_DTYPE, contiguous
+    N,
     D,
     stride_mb,
     stride_mn,
     stride_md,
+    ACC_DTYPE: tl.constexpr,
+    IS_F64: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < N
+    rows = M_ptr + b * stride_mb + offs_t.to(tl.int64) * stride_mn
+    out = U_ptr + (b * N + offs_t.to(tl.int64)) * D
+
+    amax = tl.zeros([BLOCK_T], dtype=ACC_DTYPE)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        m = tl.load(rows[:, None] + offs_d[None, :] * stride_md,
+                    mask=mask_t[:, None] & (offs_d < D)[None, :], other=0).to(ACC_DTYPE)
+        amax = tl.maximum(amax, tl.max(tl.abs(m), axis=1))
+    scale = _power_of_two_scale(amax, IS_F64)
+    ss = tl.zeros([BLOCK_T], dtype=ACC_DTYPE)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        m = tl.load(rows[:, None] + offs_d[None, :] * stride_md,
+                    mask=mask_t[:, None] & (offs_d < D)[None, :], other=0).to(ACC_DTYPE)
+        m = m * scale[:, None]  # exact: a power of two
+        ss += tl.sum(m * m, axis=1)
+    # a zero row: norm 0, and 0 / 0 = NaN below, as in the definition (padding rows: no 0/0)
+    norm = tl.where(mask_t, tl.sqrt(ss), 1)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = mask_t[:, None] & (offs_d < D)[None, :]
+        m = tl.load(rows[:, None] + offs_d[None, :] * stride_md, mask=mask,
+                    other=0).to(ACC_DTYPE)
+        tl.store(out[:, None] + offs_d[None, :], (m * scale[:, None]) / norm[:, None], mask=mask)
+
+
+@triton.jit
+def _tome_scores_kernel(
+    U_ptr,  # unit rows of the metric, shape (B, N, D), ACC_DTYPE, contiguous
+    MAX_ptr,  # node_max, shape (B, Na), ACC_DTYPE, contiguous
+    IDX_ptr,  # node_idx, shape (B, Na), int32, contiguous
+    N,
+    Na,
+    Nb,
+    D,
     CLASS_TOKEN: tl.constexpr,
     DISTILL_TOKEN: tl.constexpr,
     USE_DOT: tl.constexpr,  # tl.dot in IEEE fp32; False: broadcast multiply-sum (float64)
@@ -45,40 +107,29 @@ def _tome_scores_kernel(
     b = tl.program_id(0).to(tl.int64)
     offs_a = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
     mask_a = offs_a < Na
-    m_row = M_ptr + b * stride_mb
-    a_rows = m_row + (2 * offs_a).to(tl.int64) * stride_mn  # A = even positions
-
-    na2 = tl.zeros([BLOCK_A], dtype=ACC_DTYPE)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        a = tl.load(a_rows[:, None] + offs_d[None, :] * stride_md,
-                    mask=mask_a[:, None] & (offs_d < D)[None, :], other=0).to(ACC_DTYPE)
-        na2 += tl.sum(a * a, axis=1)
-    na = tl.where(mask_a, tl.sqrt(na2), 1)  # padding rows: no 0/0
+    u_row = U_ptr + b * N * D
+    a_rows = u_row + (2 * offs_a).to(tl.int64) * D  # A = even positions
 
     best = tl.full([BLOCK_A], float("-inf"), dtype=ACC_DTYPE)
     best_idx = tl.zeros([BLOCK_A], dtype=tl.int32)
     for b0 in range(0, Nb, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         mask_b = offs_b < Nb
-        b_rows = m_row + (2 * offs_b + 1).to(tl.int64) * stride_mn  # B = odd positions
-        dots = tl.zeros([BLOCK_A, BLOCK_B], dtype=ACC_DTYPE)
-        nb2 = tl.zeros([BLOCK_B], dtype=ACC_DTYPE)
+        b_rows = u_row + (2 * offs_b + 1).to(tl.int64) * D  # B = odd positions
+        s = tl.zeros([BLOCK_A, BLOCK_B], dtype=ACC_DTYPE)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             mask_d = offs_d < D
-            a = tl.load(a_rows[:, None] + offs_d[None, :] * stride_md,
-                        mask=mask_a[:, None] & mask_d[None, :], other=0).to(ACC_DTYPE)
-            bt = tl.load(b_rows[None, :] + offs_d[:, None] * stride_md,
-                         mask=mask_d[:, None] & mask_b[None, :], other=0).to(ACC_DTYPE)
+            a = tl.load(a_rows[:, None] + offs_d[None, :],
+                        mask=mask_a[:, None] & mask_d[None, :], other=0)
+            bt = tl.load(b_rows[None, :] + offs_d[:, None],
+                         mask=mask_d[:, None] & mask_b[None, :], other=0)
             if USE_DOT:
                 # IEEE fp32, not TF32: the matching must not depend on the tensor-core mode
-                dots = tl.dot(a, bt, dots, input_precision="ieee")
+                s = tl.dot(a, bt, s, input_precision="ieee")
             else:
-                dots += tl.sum(a[:, :, None] * bt[None, :, :], axis=1)
-            nb2 += tl.sum(bt * bt, axis=0)
-        nb = tl.where(mask_b, tl.sqrt(nb2), 1)
-        s = dots / (na[:, None] * nb[None, :])
+                s += tl.sum(a[:, :, None] * bt[None, :, :], axis=1)
+        # the cosine of unit rows is their dot product
         s = tl.where(s != s, float("inf"), s)  # NaN ranks above every number
         if CLASS_TOKEN:
             s = tl.where(offs_a[:, None] == 0, float("-inf"), s)
@@ -212,6 +263,12 @@ def _tome_plan_kernel(
              mask=first)
 
 
+# the scores kernel's channel chunk on the GPU: with (BLOCK_A, BLOCK_B) = (32, 64) its fp32
+# register tiles fit for sm_80 and sm_90 at 16 (32 spilled 48 B per thread for sm_80, 64 some
+# 4 KB for sm_90; tests/test_tome_triton_compile.py checks ptxas's report)
+SCORES_BLOCK_D = 16
+
+
 def _interpreting() -> bool:
     # Under the interpreter every program costs Python time per tl op whatever its size: bigger
     # blocks, fewer programs (N = 577 still takes several tiles and chunks per row)
@@ -234,20 +291,29 @@ def tome_match(metric: torch.Tensor, r: int, class_token: bool, distill_token: b
     if B == 0:
         return unm, src, dst, dest, slot_src, slot_start
     f64 = metric.dtype == torch.float64
-    node_max = torch.empty(B, Na, device=dev, dtype=torch.float64 if f64 else torch.float32)
+    acc = tl.float64 if f64 else tl.float32
+    unit = torch.empty(B, N, D, device=dev, dtype=torch.float64 if f64 else torch.float32)
+    node_max = torch.empty(B, Na, device=dev, dtype=unit.dtype)
     node_idx = torch.empty(B, Na, device=dev, dtype=torch.int32)
     rank = torch.empty(B, Na, device=dev, dtype=torch.int32)
     big = 2 if _interpreting() else 1
+    _tome_normalize_kernel[(B, triton.cdiv(N, 32 * big))](
+        metric, unit, N, D, metric.stride(0), metric.stride(1), metric.stride(2),
+        ACC_DTYPE=acc, IS_F64=f64, BLOCK_T=32 * big,
+        BLOCK_D=max(16, min(64, triton.next_power_of_2(D))), num_warps=4,
+    )
     if f64:  # the multiply-sum path holds a (BLOCK_A, BLOCK_D, BLOCK_B) tile
         blocks = dict(BLOCK_A=16 * big, BLOCK_B=16 * big, BLOCK_D=16)
     else:
-        blocks = dict(BLOCK_A=32 * big, BLOCK_B=64 * big,
-                      BLOCK_D=max(16, min(64, triton.next_power_of_2(D))))
+        # (the interpreter: whole rows of up to 64 channels, fewer Python-level steps)
+        block_d = max(16, min(64, triton.next_power_of_2(D))) if big > 1 else SCORES_BLOCK_D
+        blocks = dict(BLOCK_A=32 * big, BLOCK_B=64 * big, BLOCK_D=block_d)
+    # two stages: with Triton's default three, ptxas spilled 8 B per thread at sm_90 where N
+    # is not a multiple of 16 (tools/triton_aot_check.py); one, two and four stages do not
     _tome_scores_kernel[(B, triton.cdiv(Na, blocks["BLOCK_A"]))](
-        metric, node_max, node_idx, Na, Nb, D,
-        metric.stride(0), metric.stride(1), metric.stride(2),
+        unit, node_max, node_idx, N, Na, Nb, D,
         CLASS_TOKEN=class_token, DISTILL_TOKEN=distill_token, USE_DOT=not f64,
-        ACC_DTYPE=tl.float64 if f64 else tl.float32, **blocks, num_warps=4,
+        ACC_DTYPE=acc, **blocks, num_warps=4, num_stages=2,
     )
     _tome_rank_kernel[(B, triton.cdiv(Na, 32 * big))](
         node_max, rank, Na, BLOCK_I=32 * big, BLOCK_K=64 * big, num_warps=4,

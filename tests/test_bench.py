@@ -80,3 +80,34 @@ def test_every_registered_op_builds_its_cases_on_cpu():
         assert cases, op
         for c in cases:
             assert "eager" in c.impls
+
+
+def test_cpu_timing_runs_on_the_threads_torch_is_set_to():
+    # torch.utils.benchmark.Timer defaults to one thread: a PyTorch baseline timed that way
+    # ran on 1 core while the numba kernels used all of them (ratios inflated up to 2x).
+    old = torch.get_num_threads()
+    seen = []
+    try:
+        torch.set_num_threads(2)
+        harness.time_ms(lambda: seen.append(torch.get_num_threads()), "cpu", quick=True)
+    finally:
+        torch.set_num_threads(old)
+    assert seen and set(seen) == {2}
+
+
+def test_percent_of_peak_columns_on_a_device_with_known_ceilings():
+    h200 = "NVIDIA_H200"
+    rows = [harness.Row("evit_select", "fwd", "B=64", "bf16", "eager", 2.0, 1075.0, None, h200),
+            harness.Row("evit_select", "fwd", "B=64", "bf16", "cuda", 1.0, 2150.0, None, h200),
+            harness.Row("int8_linear", "fwd", "M=1576", "bf16", "eager", 1.0, None, 395.0, h200)]
+    table = harness.format_table(rows)
+    assert "%BW" in table and "%TFLOP" in table
+    line = next(l for l in table.splitlines() if " cuda " in l)
+    assert "50.0%" in line and line.split()[-1] == "2.00x"
+    assert "50.0%" in next(l for l in table.splitlines() if "int8_linear" in l)
+    compact = harness.format_compact(rows)
+    assert "%peak" in compact and "50.0%" in compact and "25.0%" in compact
+    # no ceilings known for this CPU: no % columns
+    cpu = [harness.Row(r.op, r.mode, r.shape, r.dtype, r.backend, r.ms, r.gbps, r.tflops, "cpu_x")
+           for r in rows]
+    assert "%BW" not in harness.format_table(cpu)

@@ -126,9 +126,10 @@ def test_bad_inputs_name_the_argument():
 def test_opcheck():
     x = torch.randn(2, 3, 8, requires_grad=True)
     b = torch.randn(8, requires_grad=True)
-    for backend in CPU_BACKENDS:
+    for backend in ("torch", "cpu"):  # the op machinery; kernels are tested above
         for approximate in ("none", "tanh"):
-            torch.library.opcheck(torch.ops.xray_ops.bias_gelu.default, (x, b, approximate, backend))
+            torch.library.opcheck(torch.ops.xray_ops.bias_gelu.default,
+                                  (x, b, approximate, backend))
         torch.library.opcheck(torch.ops.xray_ops.bias_gelu.default, (x, None, "none", backend))
     torch.library.opcheck(torch.ops.xray_ops.bias_gelu_backward.default,
                           (torch.randn(2, 3, 8), x.detach(), b.detach(), "tanh", "auto"))

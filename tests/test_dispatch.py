@@ -261,3 +261,19 @@ def test_flash_attention_cuda_on_untargeted_gpu(fake_gpu):
     q = cuda(2, 3, 40, 64)
     inputs = dict(q=q, k=q, v=q, key_bias=None, scale=0.125, causal=False, want_cls=True)
     assert _dispatch.reasons_for("flash_attention", inputs)["cuda"] == []
+
+
+def test_runtime_limits_hold_for_every_op(toy_op, monkeypatch):
+    """The Triton interpreter's bfloat16 (a runtime's limit, not an op's): any bfloat16 tensor
+    or dtype input refuses it, whatever the op."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _dispatch.register(toy_op, "triton", forward=lambda x, n: x, dtypes=_dispatch.FLOATS)
+    x = torch.ones(2)
+    assert _dispatch.reasons_for(toy_op, (x, 1))["triton"] == []
+    for inputs in ((x.bfloat16(), 1), (x, torch.bfloat16)):
+        assert _dispatch.reasons_for(toy_op, inputs)["triton"] == [
+            _dispatch.INTERPRETER_BF16_REASON]
+    q8 = torch.ones(4, 16, dtype=torch.int8)
+    with pytest.raises(BackendError, match="bfloat16 under the Triton interpreter"):
+        with xo.backend("triton"):
+            xo.int8_matmul(q8, q8, torch.ones(4, 1), torch.ones(4), out_dtype=torch.bfloat16)

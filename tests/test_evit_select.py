@@ -40,7 +40,7 @@ def _reference(x, a, keep, fuse, grad):
 
 def _check(device, backend, dtype, B, N, C, keep, fuse, layout="contiguous", grad_layout=None):
     x, a = _inputs(B, N, C, dtype, device, layout)
-    n_out = 1 + keep + int(fuse)
+    n_out = 1 + keep + int(fuse and keep < N - 1)  # nothing dropped: no fused token
     grad = torch.randn(B, n_out, C, dtype=torch.float64, device=device)
     if grad_layout == "expanded":  # the gradient of .sum() has stride 0
         grad = torch.randn(1, 1, C, dtype=torch.float64, device=device).expand(B, n_out, C)
@@ -70,6 +70,50 @@ def test_matches_reference(device, backend, dtype, B, N, C, fuse):
     P = N - 1
     for keep in sorted({1, max(1, P // 3), P}):
         _check(device, backend, dtype, B, N, C, keep, fuse)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("N", [2, 3, 12])
+def test_keep_all_appends_no_fused_token(device, backend, N):
+    # keep == N-1 drops nothing: EViT appends no (all-zero) fused token, so a keep-rate
+    # schedule just under 1 must not grow the token count 197 -> 198 -> 199
+    B, C = 2, 5
+    x, a = _inputs(B, N, C, torch.float32, device)
+    with xo.backend(backend):
+        out, idx = xo.evit_select(x, a, N - 1, fuse=True)
+        out.backward(torch.ones_like(out))
+    assert out.shape == (B, N, C)
+    order = torch.cat([torch.zeros(B, 1, dtype=torch.int64, device=device), 1 + idx], 1)
+    assert torch.equal(out.detach(), x.detach().gather(1, order[..., None].expand(B, N, C)))
+    assert torch.equal(x.grad, torch.ones_like(x)) and torch.equal(a.grad, torch.zeros_like(a))
+    _check(device, backend, torch.float32, B, N, C, N - 1, True)
+
+
+def test_keep_all_fake_and_direct_op_agree():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, a = torch.randn(2, 9, 4), torch.rand(2, 8)
+    out, _ = torch.ops.xray_ops.evit_select(x, a, 8, True, "auto")
+    assert out.shape == (2, 9, 4)
+    with FakeTensorMode() as mode:
+        fo, fi = torch.ops.xray_ops.evit_select(mode.from_tensor(x), mode.from_tensor(a), 8, True,
+                                                "auto")
+    assert fo.shape == (2, 9, 4) and fi.shape == (2, 8)
+    torch.library.opcheck(torch.ops.xray_ops.evit_select.default,
+                          (x.requires_grad_(), a.requires_grad_(), 8, True, "auto"))
+
+
+def test_module_leaves_x_as_is_when_it_would_keep_every_token():
+    m = xo.nn.EViTSelect(0.7, warmup_steps=0, shrink_steps=1000)
+    m.set_step(1)  # rate just under 1: ceil(rate * 196) == 196
+    assert m.current_rate() < 1.0
+    x, a = torch.randn(2, 197, 8), torch.rand(2, 196)
+    for _ in range(3):  # three EViT locations in a row
+        out, idx = m(x, a[:, : x.shape[1] - 1])
+        assert out is x and idx is None
+    m.set_step(600)
+    out, idx = m(x, a)
+    assert out.shape[1] < 197
 
 
 @pytest.mark.parametrize("device,backend,dtype", CASES)

@@ -464,7 +464,7 @@ def test_cuda_reasons_without_crashing(monkeypatch):
     monkeypatch.setattr(_ext, "load", lambda: NoAttention())
     impl = _dispatch._IMPLS["flash_attention"]["cuda"]
     assert any("no flash_attention_forward" in r
-               for r in impl.runtime.reasons(torch.device("cuda", 0), False))
+               for r in impl.runtime.reasons(torch.device("cuda", 0), False, None))
     q = torch.randn(1, 2, 5, 48)
     inputs = dict(q=q, k=q, v=q.transpose(-1, -2).contiguous().transpose(-1, -2), key_bias=None,
                   scale=1.0, causal=False, want_cls=True)

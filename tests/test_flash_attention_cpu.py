@@ -38,8 +38,10 @@ def _run(fn, q, k, v, kb, bias_grad, wanted, grads):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_every_gradient_path(bias_grad, use_cls, use_lse, causal, dtype):
     """Each combination of the gradients that arrive (out always; cls_attn, lse) and of a
-    key_bias that needs a gradient or not takes its own path through the backward."""
-    B, H, Nq, Nk, D, scale = 2, 3, 19, 23, 40, 0.2
+    key_bias that needs a gradient or not takes its own path through the backward. Nq spans
+    two query slabs of the backward's own pass (the last one partial)."""
+    B, H, Nq, Nk, D, scale = 2, 3, 137, 101, 40, 0.2
+    assert Nq > cpu_attn._BLOCK
     q, k, v, kb = _inputs(B, H, Nq, Nk, D, dtype)
     grads = (torch.randn(B, H, Nq, D, dtype=torch.float64), torch.randn(B, Nk, dtype=torch.float64),
              torch.randn(B, H, Nq, dtype=torch.float64))
@@ -136,10 +138,12 @@ class _Shapes(TorchDispatchMode):
 def test_never_makes_the_score_matrix():
     """Forward (with the CLS row) and every backward path make tensors of O(B·H·N·D) at most:
     nothing of the size of the (Nq, Nk) scores of one head, let alone all heads."""
-    B, H, Nq, Nk, D = 1, 2, 300, 310, 8
+    B, H, D = 1, 2, 8
+    Nq = 4 * cpu_attn._BLOCK + 5
+    Nk = Nq + 10
     q, k, v, kb = _inputs(B, H, Nq, Nk, D, torch.float32)
     limit = Nq * Nk  # one head's scores
-    assert B * H * max(Nq, Nk) * (D + 1) < limit / 4
+    assert B * H * max(Nq, Nk) * D < limit / 4 and B * H * cpu_attn._BLOCK * Nk < limit
     with _Shapes() as rec:
         out, cls, lse = cpu_attn.flash_attention_forward(q, k, v, kb, 0.3, True, True)
         dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
@@ -151,22 +155,26 @@ def test_never_makes_the_score_matrix():
     assert 0 < rec.largest < limit
 
 
-def test_the_extra_column_only_when_needed(monkeypatch):
-    """The (D + 1)-wide copies are made only for a key_bias gradient or an lse gradient."""
+def test_the_slab_pass_only_when_needed(monkeypatch):
+    """The backward's own pass over P runs only for a key_bias gradient or a gradient through
+    lse; returned but unused outputs (lse here) bring no gradient, hence no work."""
     calls = []
-    padded = cpu_attn._padded
-    monkeypatch.setattr(cpu_attn, "_padded", lambda *a, **k: calls.append(1) or padded(*a, **k))
+    slab_pass = cpu_attn._slab_pass
+    monkeypatch.setattr(cpu_attn, "_slab_pass",
+                        lambda *a, **k: calls.append(a[5] is not None) or slab_pass(*a, **k))
     q, k, v, kb = _inputs(1, 2, 7, 7, 16, torch.float32)
     leaves = [t.requires_grad_() for t in (q, k, v)]
     with xo.backend("cpu"):
-        out, cls = xo.flash_attention(*leaves, key_bias=kb, return_cls_attn=True)
-        (out.sum() + cls.sum()).backward()  # key_bias needs no gradient: the kernel as is
-        assert calls == []
-        out, cls = xo.flash_attention(*leaves, key_bias=kb.requires_grad_(),
-                                      return_cls_attn=True)
+        out, cls, lse = xo.flash_attention(*leaves, key_bias=kb, return_cls_attn=True,
+                                           return_lse=True)
         (out.sum() + cls.sum()).backward()
-        assert calls
-    assert kb.grad is not None and kb.grad.shape == kb.shape
+        assert calls == []  # key_bias needs no gradient, lse unused: the kernel's backward only
+        out, lse = xo.flash_attention(*leaves, key_bias=kb.requires_grad_(), return_lse=True)
+        out.sum().backward()
+        assert calls == [False] and kb.grad is not None  # dkey_bias, no lse gradient
+        out, lse = xo.flash_attention(*leaves, return_lse=True)
+        (out.sum() + lse.sum()).backward()
+        assert calls == [False, True]
 
 
 def test_float64_is_left_to_the_reference():

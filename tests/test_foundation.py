@@ -194,3 +194,64 @@ def test_build_contract_environment():
     assert "for sm_80;sm_90a;compute_90 with MAX_JOBS=3" in r.stderr
     r = _setup_py(XRAY_OPS_CUDA_ARCHS="sm80")
     assert r.returncode != 0 and "XRAY_OPS_CUDA_ARCHS: expected numbers" in r.stderr
+
+
+@pytest.mark.skipif(not _dispatch.triton_interpreting(), reason="needs the Triton interpreter")
+def test_every_op_refuses_bfloat16_under_the_triton_interpreter():
+    # its bfloat16 stores truncate instead of rounding (and its bfloat16 tl.dot is wrong):
+    # every op's triton backend refuses bfloat16 there, whichever argument carries it
+    bf = torch.bfloat16
+    x, a = torch.randn(2, 9, 16), torch.rand(2, 8)
+    q8, w8 = torch.ones(4, 16, dtype=torch.int8), torch.ones(3, 16, dtype=torch.int8)
+    qkv = torch.randn(1, 1, 8, 16)
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    calls = {
+        "evit_select": lambda: xo.evit_select(x.to(bf), a.to(bf), 3),
+        "tome_match": lambda: xo.tome_match(x.to(bf), 2),
+        "tome_merge": lambda: xo.tome_merge(x.to(bf), x, 2),
+        "quantize_per_token": lambda: xo.quantize_per_token(x.to(bf)),
+        "layernorm_quant": lambda: xo.layernorm_quant(x.to(bf), None, None),
+        "int8_matmul": lambda: xo.int8_matmul(q8, w8, torch.ones(4, 1), torch.ones(3),
+                                              out_dtype=bf),
+        "int8_matmul.scales": lambda: xo.int8_matmul(q8, w8, torch.ones(4, 1, dtype=bf),
+                                                     torch.ones(3, dtype=bf),
+                                                     out_dtype=torch.float32),
+        "int8_linear": lambda: xo.int8_linear(x.to(bf), w8, torch.ones(3)),
+        "flash_attention": lambda: xo.flash_attention(qkv.to(bf), qkv.to(bf), qkv.to(bf)),
+        "flash_attention_varlen": lambda: xo.flash_attention_varlen(
+            qkv[0].transpose(0, 1).to(bf), qkv[0].transpose(0, 1).to(bf),
+            qkv[0].transpose(0, 1).to(bf), cu, cu, 8, 8),
+    }
+    for name, call in calls.items():
+        with pytest.raises(xo.BackendError, match="bfloat16 under the Triton interpreter"):
+            with xo.backend("triton"):
+                call()
+    assert {n.split(".")[0] for n in calls} >= set(_dispatch.ops())
+
+
+def test_integer_arguments_take_anything_operator_index_takes():
+    np = pytest.importorskip("numpy")
+    x, a = torch.randn(2, 9, 4), torch.rand(2, 8)
+    out, idx = xo.evit_select(x, a, np.int64(3))
+    assert out.shape == (2, 5, 4)
+    assert xo.tome_merge(x, x, np.int32(2))[0].shape == (2, 7, 4)
+    assert xo.tome_merge(x, x, torch.tensor(2))[0].shape == (2, 7, 4)
+    assert xo.tome_match(x, np.int16(1)).src_idx.shape == (2, 1)
+    assert xo.evit_keep_count(np.int64(196), 0.5) == 98
+    cfg = xo.ToMeConfig(r=[np.int64(2), 1])
+    assert cfg.r == [2, 1] and all(type(v) is int for v in cfg.r)
+    assert xo.ToMeConfig(r=np.int8(3)).schedule(np.int64(2)) == [3, 3]
+    assert xo.EViTConfig(locations=np.array([3, 6])).locations == (3, 6)
+    for bad in (3.0, True, "3", np.float32(2.0), None):
+        with pytest.raises(TypeError, match="r: expected an int"):
+            xo.tome_merge(x, x, bad)
+        with pytest.raises(TypeError, match="keep: expected an int"):
+            xo.evit_select(x, a, bad)
+
+
+def test_nan_numbers_are_named_as_nan():
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="^scale: expected a number, got NaN$"):
+        xo.flash_attention(q, q, q, scale=float("nan"))
+    with pytest.raises(ValueError, match=r"^eps: expected a number in \(0.0, inf\], got NaN$"):
+        xo.layernorm_quant(torch.randn(2, 4), None, None, float("nan"))

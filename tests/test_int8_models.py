@@ -49,6 +49,21 @@ def test_int8_linear_from_float():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("backend", ["auto", "torch", "cpu"])
+def test_quantize_tiny_mlp_with_one_input_feature(backend):
+    # Linear(1, 8): K == 1, where torch._int_mm on the CPU returned garbage (off by ~3e4)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(5, 1)
+    want = model(x)
+    xo.quantize_(model)
+    with xo.backend(backend):
+        got = model(x)
+    # two per-token int8 quantizations: ~1% of the output scale
+    assert (got - want).abs().max() <= 0.02 * want.abs().max() + 1e-3, (got, want)
+
+
+@torch.no_grad()
 def test_int8_linear_refuses_a_float_checkpoint():
     lin = nn.Linear(16, 8)
     m = Int8Linear.from_float(lin)

@@ -8,6 +8,8 @@ Where a backend may differ from the definition, and why:
     float32 error of a .5 tie may round either way: 1 LSB, only within TIE_BAND of a tie.
 """
 
+import itertools
+
 import pytest
 import torch
 
@@ -194,6 +196,63 @@ def test_matmul_exact_vit_shape_fast_cpu_backends(backend):
     with xo.backend(backend):
         y = xo.int8_matmul(a, b, torch.ones(197, 1), torch.ones(3072))
     assert torch.equal(y.double(), _exact(a, b).double())
+
+
+# The layout sweep: every shape of M x N x K below in every layout, exact. torch._int_mm on the
+# CPU misreads some layouts (K == 1; a (1, K) row whose strides are (1, 1)) and returned garbage
+# for 32 of these cases; (1, 1, 1) alone did not show it.
+SWEEP_M, SWEEP_N, SWEEP_K = (1, 2, 5, 17), (1, 2, 6, 33), (1, 2, 3, 16, 31, 64)
+LAYOUTS = ("contiguous", "transposed", "strided", "unit-strides")
+
+
+def _laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The values of the 2-D ``t`` in another memory layout."""
+    R, K = t.shape
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "transposed":  # column-major storage: strides (1, R)
+        return t.t().contiguous().t()
+    if layout == "strided":  # every other column of a wider buffer, one element in
+        buf = torch.zeros(R, 2 * K + 1, dtype=t.dtype, device=t.device)
+        buf[:, 1::2] = t
+        return buf[:, 1::2]
+    if layout == "unit-strides":  # size-1 dims get stride 1: (1, K) rows read as (1, 1)
+        flat = t.contiguous().view(-1) if R == 1 or K == 1 else None
+        if flat is None:
+            return t.t().contiguous().t()
+        return flat.as_strided((R, K), (1, 1))
+    raise ValueError(layout)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_matmul_and_linear_exact_over_shapes_and_layouts(device, backend, layout):
+    bad = []
+    for M, N, K in itertools.product(SWEEP_M, SWEEP_N, SWEEP_K):
+        if backend == "cuda" and K % 16:
+            continue  # the cuda GEMM takes K % 16 == 0 (other K: see test_cuda_gemm_reasons)
+        a, b = _int8(M, K, device=device), _int8(N, K, device=device)
+        a_l, b_l = _laid_out(a, layout), _laid_out(b, layout)
+        if backend == "cuda" and layout != "contiguous":
+            a_l, b_l = a_l.contiguous(), b_l.contiguous()  # it declines other K strides
+        with xo.backend(backend):
+            y = xo.int8_matmul(a_l, b_l, torch.ones(M, 1, device=device),
+                               torch.ones(N, device=device), out_dtype=torch.float32)
+        if not torch.equal(y.cpu().double(), _exact(a, b).double()):
+            bad.append(("int8_matmul", M, N, K))
+        # int8_linear: x holds integers in [-127, 127] with a 127 in every row, so its per-token
+        # scale is 1 and the quantized x is x itself: the result is the exact product again
+        x = a.clamp(-127, 127).float()
+        x[:, 0] = 127
+        wq = b.clamp(-127, 127)
+        x_l, w_l = _laid_out(x, layout), _laid_out(wq, layout)
+        if backend == "cuda" and layout != "contiguous":
+            w_l = w_l.contiguous()
+        with xo.backend(backend):
+            y = xo.int8_linear(x_l, w_l, torch.ones(N, device=device))
+        if not torch.equal(y.cpu().double(), _exact(x.to(torch.int8), wq).double()):
+            bad.append(("int8_linear", M, N, K))
+    assert not bad, f"{len(bad)} wrong results ({layout}): {bad[:10]}"
 
 
 def _matmul_reference(a, b, a_s, b_s, bias, out_dtype, act):
@@ -428,3 +487,41 @@ def test_gpu_vit_shapes(backend, M, K, N):
         lq, ls = xo.layernorm_quant(x, None, None, 1e-6)
     _q_ties_only(q, x, s)
     _lnq_close(lq, ls, x, None, None, 1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# edges found by an independent check
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("act", [None, "gelu"])
+def test_matmul_float64_output_is_the_float64_epilogue(backend, act):
+    # "rounded once to out_dtype": a float32 epilogue is ~1e-7 relative off the exact one
+    M, K, N = 7, 64, 5
+    a, b = _int8(M, K), _int8(N, K)
+    a_s = torch.rand(M, 1) / 3 + 0.01
+    b_s = torch.rand(N) / 7 + 0.01
+    bias = torch.randn(N)
+    with xo.backend(backend):
+        y = xo.int8_matmul(a, b, a_s, b_s, bias, out_dtype=torch.float64, activation=act)
+    want = ref.int8_matmul(a, b, a_s, b_s, bias, torch.float64, act)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, want, rtol=1e-15, atol=1e-15)
+
+
+def test_triton_refuses_float64_output_with_the_reason():
+    a, b = _int8(3, 16), _int8(4, 16)
+    with pytest.raises(xo.BackendError, match="Triton epilogue computes in float32"):
+        with xo.backend("triton"):
+            xo.int8_matmul(a, b, torch.ones(3, 1), torch.ones(4), out_dtype=torch.float64)
+
+
+def test_quantize_float64_row_beyond_a_float32_scale_is_refused():
+    x = torch.tensor([[1e300, -2.0, 3.0], [1.0, 2.0, 3.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"x: expected finite rows with max \|value\| <= 127"):
+        xo.quantize_per_token(x)
+    with pytest.raises(ValueError, match="weight: expected finite rows"):
+        ref.quantize_weight(x)
+    # the largest row that fits still dequantizes to finite values; Inf rows keep their rule
+    ok = torch.tensor([[127 * 3.4e38, 1.0], [float("inf"), 1.0]], dtype=torch.float64)
+    q, s = xo.quantize_per_token(ok)
+    assert torch.isfinite(s[0]).all() and q[0, 0] == 127 and s[1].item() == float("inf")

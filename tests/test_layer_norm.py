@@ -108,9 +108,15 @@ def _check(device, backend, dtype, shape, variant, layout="contiguous", grad_lay
         assert_close_to_reference(a, rr, bb, name=f"grad_{name}", atol=atol)
 
 
+# every variant on two shapes; the edge shapes (one channel, a wide row) with the main ones
+SHAPE_VARIANTS = ([(s, v) for s in SHAPES[1:4:2] for v in VARIANTS]
+                  + [(s, v) for s in (SHAPES[0], SHAPES[2], SHAPES[4])
+                     for v in ("plain", "layerscale")])
+
+
 @pytest.mark.parametrize("device,backend,dtype", CASES)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("shape,variant", SHAPE_VARIANTS,
+                         ids=[f"{'x'.join(map(str, s))}-{v}" for s, v in SHAPE_VARIANTS])
 def test_matches_reference(device, backend, dtype, shape, variant):
     _check(device, backend, dtype, shape, variant)
 
@@ -214,7 +220,7 @@ def test_opcheck():
     x = torch.randn(2, 3, 8, requires_grad=True)
     r = torch.randn(2, 3, 8, requires_grad=True)
     g, w, b = (torch.rand(8, requires_grad=True) for _ in range(3))
-    for backend in CPU_BACKENDS:
+    for backend in ("torch", "cpu"):  # the op machinery; kernels are tested above
         torch.library.opcheck(torch.ops.xray_ops.layer_norm.default,
                               (x, w, b, 1e-6, r, g, backend))
         torch.library.opcheck(torch.ops.xray_ops.layer_norm.default,
@@ -247,10 +253,78 @@ def test_auto_picks_numba_for_float32_then_torch():
     x, w = torch.randn(3, 8, requires_grad=True), torch.rand(8)
     y, _ = xo.layer_norm(x, w, None)
     y.sum().backward()
-    assert xo.last_backend("layer_norm") == "cpu" and xo.last_backend("layer_norm.backward") == "cpu"
+    assert xo.last_backend("layer_norm") == "cpu"
+    assert xo.last_backend("layer_norm.backward") == "cpu"
     xo.layer_norm(x.detach().half(), w, None)
     assert xo.last_backend("layer_norm") == "torch"
     with pytest.raises(xo.BackendError, match="forced backend 'triton'.*C=9000 exceeds the "
                                               "Triton kernel's row limit 8192"):
         with xo.backend("triton"):
             xo.layer_norm(torch.randn(2, 9000), None, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("C", [768, 6144])
+def test_vit_scale_rows_on_gpu(backend, C):
+    """ViT-B at batch 64 (many rows per program; the column sums over 12608 rows), and a wide
+    row (Triton's chunked backward; the CUDA forward with auto's backward)."""
+    M = 64 * 197 if C == 768 else 512
+    leaves = _inputs((M, C), torch.bfloat16, "cuda", "layerscale", param_dtype=torch.float32)
+    x, r, g, w, b = leaves
+    gy, gs = torch.randn(M, C, device="cuda"), torch.randn(M, C, device="cuda")
+    with xo.backend(backend):
+        y, s = xo.layer_norm(x, w, b, 1e-6, residual=r, residual_scale=g)
+    got = _grads(y, s, leaves, gy.bfloat16(), gs.bfloat16())
+    r_y, r_s, r_g = _run_reference(leaves, 1e-6, gy, gs, oracle=True)
+    b_y, b_s, b_g = _run_reference(leaves, 1e-6, gy.bfloat16(), gs.bfloat16(), oracle=False)
+    assert_close_to_reference(y, r_y, b_y, name="y")
+    assert_close_to_reference(s, r_s, b_s, name="s")
+    for name, a, rr, bb in zip(("x", "residual", "gamma", "weight", "bias"), got, r_g, b_g):
+        assert_close_to_reference(a, rr, bb, name=f"grad_{name}", atol=1e-2 * M ** 0.5)
+
+
+def test_cuda_routing_of_wide_rows_not_in_packs():
+    """The CUDA forward keeps rows not in 16-byte packs to 4096 elements (wider ones spilled):
+    a wider C that is not a multiple of the pack goes elsewhere with the reason; a misaligned
+    view of a packable width is copied into packs first (shapes and pointers only: no GPU)."""
+    from xray_ops.ops import layer_norm_backends as lb
+
+    def inputs(x, residual=None):
+        return lb._dispatch._spec(lb.OP).forward(x, None, None, 1e-6, residual, None)
+
+    assert lb._cuda_forward_check(inputs(torch.empty(2, 4096 + 7))) == [
+        "C=4103 is not a multiple of 4 (16-byte packs): the CUDA kernel's row limit is 4096 then"]
+    assert lb._cuda_forward_check(inputs(torch.empty(2, 4103, dtype=torch.half)))[0].startswith(
+        "C=4103 is not a multiple of 8")
+    assert lb._cuda_forward_check(inputs(torch.empty(2, 4095))) == []  # within the limit
+    assert lb._cuda_forward_check(inputs(torch.empty(2, 6144))) == []  # in packs
+    assert lb._cuda_forward_check(inputs(torch.empty(2, 9000)))[0].endswith("row limit 8192")
+    base = torch.randn(3 * 6144 + 1)
+    view = base[1:].view(3, 6144)  # 4 bytes off 16: not in packs
+    rows = lb._cuda_rows(view, 6144)
+    assert rows.data_ptr() % 16 == 0 and torch.equal(rows, view)
+    packed = torch.randn(3, 6144)
+    assert lb._cuda_rows(packed, 6144) is packed
+    narrow = base[1:4097].view(1, 4096)  # within the unpacked limit: read as it is
+    assert lb._cuda_rows(narrow, 4096) is narrow
+
+
+@pytest.mark.gpu
+def test_cuda_wide_rows_not_in_packs_on_gpu():
+    """C = 6151 (not a multiple of the pack) goes to Triton under auto and is refused when CUDA
+    is forced; a misaligned (M, 6144) view runs on CUDA (copied into packs) and agrees."""
+    x = torch.randn(3, 6151, device="cuda")
+    with pytest.raises(xo.BackendError, match="C=6151 is not a multiple of 4"):
+        with xo.backend("cuda"):
+            xo.layer_norm(x, None, None, residual=x)
+    xo.layer_norm(x, None, None, residual=x)
+    assert xo.last_backend("layer_norm") != "cuda"
+    base = torch.randn(3 * 6144 + 1, device="cuda")
+    view, r = base[1:].view(3, 6144), torch.randn(3, 6144, device="cuda")
+    g, w = torch.rand(6144, device="cuda"), torch.rand(6144, device="cuda")
+    with xo.backend("cuda"):
+        y, s = xo.layer_norm(view, w, None, residual=r, residual_scale=g)
+    y_ref, s_ref = ref.layer_norm(view.double(), w.double(), None, 1e-6, r.double(), g.double())
+    torch.testing.assert_close(s.double(), s_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)

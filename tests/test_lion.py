@@ -211,7 +211,7 @@ def test_opcheck():
     ps = [torch.randn(5), torch.randn(2, 3)]
     gs = [torch.randn(5), torch.randn(2, 3)]
     ms = [torch.randn(5), torch.randn(2, 3)]
-    for backend in CPU_BACKENDS:
+    for backend in ("torch", "cpu"):  # the op machinery; kernels are tested above
         torch.library.opcheck(torch.ops.xray_ops.lion_.default,
                               ([p.clone() for p in ps], gs, [m.clone() for m in ms], 1e-3, 0.9,
                                0.99, 0.1, backend))

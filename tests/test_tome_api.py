@@ -325,8 +325,26 @@ def test_auto_picks_numba_on_cpu_then_torch_for_half():
 def test_bfloat16_metric_matches_reference(device, backend):
     # every backend upcasts the metric to float32 before any product (no bfloat16 tl.dot)
     metric = separated_metric(2, 30, 16, True, False, torch.bfloat16, device)
+    if (device, backend) == ("cpu", "triton"):  # bfloat16 is refused under the interpreter
+        with pytest.raises(xo.BackendError, match="bfloat16 under the Triton interpreter"):
+            with xo.backend(backend):
+                xo.tome_match(metric, 8)
+        return
     with xo.backend(backend):
         got = xo.tome_match(metric, 8)
     want = ref.tome_match(metric.double(), 8, True, False)
     for g, w in zip(got, want):
         assert torch.equal(g.cpu(), w.cpu())
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_distillation_token_takes_a_merge_only_as_the_only_b_token(device, backend):
+    # as documented (and as ToMe does): without class_token and N == 3, B[0] (the distillation
+    # token) is the only B token and every score is -inf, so A token 0 merges into it
+    metric = torch.randn(2, 3, 4, device=device)
+    with xo.backend(backend):
+        m3 = xo.tome_match(metric, 1, class_token=False, distill_token=True)
+        m5 = xo.tome_match(torch.randn(2, 5, 4, device=device), 2, class_token=False,
+                           distill_token=True)
+    assert m3.dst_idx.tolist() == [[0], [0]] and m3.src_idx.tolist() == [[0], [0]]
+    assert (m5.dst_idx != 0).all()  # with another B token, nothing merges into it

@@ -268,3 +268,54 @@ def test_vit_shapes_gpu(backend, dtype, B, N, width, r):
     # the benchmark's shapes; a float32 metric (many tokens: bfloat16 metric values would tie)
     _check("cuda", backend, dtype, B, N, r, True, False, with_size=True,
            metric_dtype=torch.float32, x_width=width)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # 0/0 on purpose
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_inf_nan_sizes_follow_the_definition(device, backend, dtype):
+    # size·x / size: a token of size 0 (or ±Inf, NaN) gives NaN, merged or alone in its slot,
+    # on every backend as in the definition (the cpu merge used to copy x for a lone token)
+    if backend == "cuda" and dtype == torch.float64:
+        pytest.skip("the cuda merge takes 16/32-bit floats")
+    B, N = 2, 13
+    x = torch.randn(B, N, 4, dtype=dtype)
+    metric = torch.randn(B, N, 6, dtype=dtype)
+    size = 0.5 + torch.rand(B, N, 1, dtype=dtype)
+    size[0, :4] = 0.0
+    size[1, 5] = float("inf")
+    size[1, 8] = float("-inf")
+    size[1, 9] = float("nan")
+    size[1, 10] = 0.0
+    with xo.backend(backend):
+        out, size_out = xo.tome_merge(x.to(device), metric.to(device), 3, size=size.to(device))
+    r_out, r_size = ref.tome_merge(x.double(), metric, 3, size.double())
+    assert torch.isnan(r_out).any()  # the case at hand
+    assert_close_to_reference(out, r_out, name="x_out")
+    assert_close_to_reference(size_out, r_size, name="size_out")
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matching_at_extreme_finite_magnitudes(device, backend, dtype):
+    # the cosine does not depend on the scale: tiny or huge (but finite) metrics, or tokens of
+    # wildly different magnitudes, match as the same metric at ordinary magnitude does. Forming
+    # a·b, |a|² or ToMe's metric.norm() directly underflows (|m| ~ 1e-25 in float32: 0/0) or
+    # overflows (~1e19: x/inf) and gave other matchings on some backends
+    if backend == "cuda" and dtype == torch.float64:
+        pytest.skip("the cuda matching takes 16/32-bit metrics")
+    B, N, r = 2, 51, 10
+    metric = separated_metric(B, N, CM, True, False, dtype)
+    want = ref.tome_match(metric.double(), r, True, False)
+    big = 30 if dtype == torch.float32 else 290
+    scales = [10.0 ** -25, 10.0 ** 19, 10.0 ** 25] if dtype == torch.float32 else \
+        [10.0 ** -170, 10.0 ** 170, 10.0 ** 300]
+    mixed = 10 ** ((torch.rand(B, N, 1, dtype=torch.float64) * 2 - 1) * big)  # per token
+    for s in scales + [mixed.to(dtype)]:
+        m = (metric * s).to(device)
+        assert torch.isfinite(m).all()
+        with xo.backend(backend):
+            got = xo.tome_match(m, r)
+        for name, g, exp in zip(got._fields, got, want):
+            what = s if isinstance(s, float) else "mixed"
+            assert torch.equal(g.cpu(), exp), f"{name} differs at scale {what}"

@@ -1,7 +1,8 @@
 """The ToMe Triton kernels compile for the GPU (TTIR -> PTX -> cubin through Triton's ptxas, for
 sm_90 and sm_80) on a machine without one: what the interpreter cannot catch (types, layouts,
-ops the compiler lowers differently). Where a GPU is present the gpu-marked tests run the
-kernels themselves, so this is skipped there.
+ops the compiler lowers differently), and register spills (read from ptxas's own report) in
+the configs the launchers use. Where a GPU is present the gpu-marked tests run the kernels
+themselves, so this is skipped there.
 
 The compile runs in a subprocess that never imports the interpreter: the suite runs with
 TRITON_INTERPRET=1, whose patched ``triton.language`` stays in the process, and a GPU compile
@@ -9,9 +10,12 @@ made in that process fails (``'ir.value' object has no attribute 'dtype'``) unle
 cache hides it. This file is also that subprocess's script: ``python <this file> <group> <cc>``.
 """
 
+import contextlib
 import importlib.util
 import inspect
+import io
 import os
+import re
 import subprocess
 import sys
 
@@ -38,9 +42,23 @@ def _compile(jit_fn, types, constexprs, cc):
         print("SKIP: this Triton's ASTSource takes other arguments")
         sys.exit(0)
     sig = {n: ("constexpr" if n in constexprs else types[n]) for n in jit_fn.arg_names}
-    k = triton.compile(ASTSource(fn=jit_fn, signature=sig, constexprs=constexprs),
-                       target=GPUTarget("cuda", cc, 32), options={"num_warps": 4})
+    log = io.StringIO()
+    knobs = getattr(triton, "knobs", None)
+    nvidia = getattr(knobs, "nvidia", None)
+    spills_known = nvidia is not None and hasattr(nvidia, "dump_ptxas_log")
+    if spills_known:
+        nvidia.dump_ptxas_log = True  # Triton prints ptxas -v's report
+    try:
+        with contextlib.redirect_stdout(log):
+            k = triton.compile(ASTSource(fn=jit_fn, signature=sig, constexprs=constexprs),
+                               target=GPUTarget("cuda", cc, 32), options={"num_warps": 4})
+    finally:
+        if spills_known:
+            nvidia.dump_ptxas_log = False
     assert k.asm["cubin"], f"{jit_fn.__name__}: no cubin"
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", log.getvalue())]
+    assert not any(spills), (f"{jit_fn.__name__} {constexprs}: spills {max(spills)} bytes per "
+                             f"thread for sm_{cc}:\n{log.getvalue()}")
     return k
 
 
@@ -52,15 +70,22 @@ def compile_matching(cc):
     import triton.language as tl
 
     km = _kernel_module("tome_match")
-    for mdt, dot in (("bf16", True), ("fp64", False)):
+    # the configs tome_match launches (BLOCK_D at its largest, for D >= 64)
+    for mdt in ("bf16", "fp64"):
         acc = "fp64" if mdt == "fp64" else "fp32"
+        _compile(km._tome_normalize_kernel,
+                 dict(M_ptr=_p(mdt), U_ptr=_p(acc), N="i32", D="i32", stride_mb="i64",
+                      stride_mn="i64", stride_md="i64"),
+                 dict(ACC_DTYPE=tl.float64 if acc == "fp64" else tl.float32,
+                      IS_F64=acc == "fp64", BLOCK_T=32, BLOCK_D=64), cc)
+    for acc, dot in (("fp32", True), ("fp64", False)):
         _compile(km._tome_scores_kernel,
-                 dict(M_ptr=_p(mdt), MAX_ptr=_p(acc), IDX_ptr="*i32", Na="i32", Nb="i32",
-                      D="i32", stride_mb="i64", stride_mn="i64", stride_md="i64"),
+                 dict(U_ptr=_p(acc), MAX_ptr=_p(acc), IDX_ptr="*i32", N="i32", Na="i32",
+                      Nb="i32", D="i32"),
                  dict(CLASS_TOKEN=True, DISTILL_TOKEN=True, USE_DOT=dot,
                       ACC_DTYPE=tl.float64 if acc == "fp64" else tl.float32,
                       BLOCK_A=32 if dot else 16, BLOCK_B=64 if dot else 16,
-                      BLOCK_D=64 if dot else 16), cc)
+                      BLOCK_D=km.SCORES_BLOCK_D if dot else 16), cc)
     _compile(km._tome_rank_kernel, dict(MAX_ptr="*fp32", RANK_ptr="*i32", Na="i32"),
              dict(BLOCK_I=32, BLOCK_K=64), cc)
     _compile(km._tome_plan_kernel,

@@ -289,11 +289,15 @@ def lion(dtype, state):
                 [meta(*s, dtype=st) for s in _VIT_L_SHAPES], 1e-4, 0.9, 0.99, 0.1)
 
 
+def _scale():
+    return torch.empty((), device="meta", dtype=FP32)  # the logit scale, 0-dim
+
+
 def contrastive_forward(dtype, B, C):
     from xray_ops.kernels import contrastive_loss as k
 
     dt = DTYPES[dtype]
-    k.row_stats(meta(B, C, dtype=dt), meta(B, C, dtype=dt), torch.empty((), device="meta", dtype=FP32))
+    k.row_stats(meta(B, C, dtype=dt), meta(B, C, dtype=dt), _scale())
 
 
 def contrastive_backward(dtype, B, C, form="full"):
@@ -302,10 +306,10 @@ def contrastive_backward(dtype, B, C, form="full"):
     dt = DTYPES[dtype]
     lse = meta(B, dtype=FP32)
     # the full form's pass has both softmax terms, the local form's one or the other
-    k.row_grads(meta(B, C, dtype=dt), meta(B, C, dtype=dt), torch.empty((), device="meta", dtype=FP32), lse,
+    k.row_grads(meta(B, C, dtype=dt), meta(B, C, dtype=dt), _scale(), lse,
                 lse if form == "full" else None)
     if form == "local":
-        k.row_grads(meta(B, C, dtype=dt), meta(B, C, dtype=dt), torch.empty((), device="meta", dtype=FP32), None, lse)
+        k.row_grads(meta(B, C, dtype=dt), meta(B, C, dtype=dt), _scale(), None, lse)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,12 +352,13 @@ OPS = [
     Op("tome_match", tome_match,
        grid(dtype=["fp16", "bf16", "fp32", "fp64"], N=[197, 577], D=[64, 768, 1024]),
        grid(dtype=["fp16"], N=[197], D=[64])),
+    # N = 2**20: past the 65535-block grid y limit a 2-D grid had
     Op("tome_merge.forward", tome_merge_forward,
        grid(dtype=["fp16", "bf16", "fp32", "fp64"], N=[197, 577, 2**20], C=[384, 768, 1024]),
-       grid(dtype=["bf16"], N=[197], C=[768])),
+       grid(dtype=["bf16"], N=[197, 2**20], C=[768])),
     Op("tome_merge.backward", tome_merge_backward,
        grid(dtype=["fp16", "bf16", "fp32", "fp64"], N=[197, 577, 2**20], C=[384, 768, 1024]),
-       grid(dtype=["bf16"], N=[197], C=[768])),
+       grid(dtype=["bf16"], N=[197, 2**20], C=[768])),
     Op("int8.quantize_per_token", quantize_per_token,
        grid(dtype=["fp16", "bf16", "fp32"], M=[50432], K=[768, 1024, 3072, 4096, 16384, 20000]),
        grid(dtype=["bf16"], M=[50432], K=[768, 20000])),

@@ -8,11 +8,12 @@ at run time and compiled for sm_<arch> with every config the launcher or its aut
 pick (autotuning on and off: XRAY_OPS_AUTOTUNE=1 and 0). One line per distinct compile:
 registers, spills (stack frame / ptxas spill stores, bytes per thread) and shared memory.
 
-Exit 3 (and a SKIP line) where this Triton lacks the internals the check uses. It fails
-(exit 1) when a config that can run spills, needs more shared memory than a block
+It fails (exit 1) when a config that can run spills, needs more shared memory than a block
 may have (227 KB on sm_90), exceeds a grid limit, or does not compile; and when a sweep of
 lengths in aot_table.RETUNE_SWEEPS gives the autotuner more than one key (it would re-tune
-on every new length). Runs without the interpreter: TRITON_INTERPRET is cleared here.
+on every new length). Exit 3 (and a SKIP line) where this Triton lacks the internals the
+check uses. Runs without the interpreter: TRITON_INTERPRET is cleared here. The full table
+takes about an hour of CPU (--jobs N divides it); --quick about one minute.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from .ops.contrastive import contrastive_loss  # noqa: E402
 from . import nn, optim  # noqa: E402
 from .quantize import Int8Config, quantize_  # noqa: E402
 from .retrieval import EmbeddingIndex  # noqa: E402
+from . import patch  # noqa: E402
 
 __all__ = [
     "__version__", "info", "set_backend", "backend", "last_backend", "BackendError",
@@ -30,6 +31,6 @@ __all__ = [
     "quantize_", "EmbeddingIndex",
     "flash_attention", "flash_attention_qkvpacked", "flash_attention_varlen",
     "tome_merge", "tome_match", "tome_unmerge", "tome_merge_source", "tome_key_bias",
-    "ToMeMatch", "ToMeConfig",
+    "ToMeMatch", "ToMeConfig", "patch",
     "layer_norm", "bias_gelu", "contrastive_loss", "optim",
 ]

@@ -96,14 +96,15 @@ class Runtime:
     extension, a GPU the build targeted).
 
     ``status() -> (available, description)`` describes the whole runtime (``xray_ops.info()``);
-    ``reasons(device, auto) -> list[str]`` says why it cannot run on tensors of ``device`` now
-    (empty: it can); ``auto`` is True when ``auto`` is choosing (it may refuse what a forced
-    backend may do, e.g. the Triton interpreter).
+    ``reasons(device, auto, inputs) -> list[str]`` says why it cannot run the inputs (the op's
+    named tuple, deciding tensor on ``device``) now: empty when it can. ``auto`` is True when
+    ``auto`` is choosing (it may refuse what a forced backend may do, e.g. the Triton
+    interpreter). A runtime's limits hold for every op alike (e.g. the interpreter's bfloat16).
     """
 
     name: str
     status: Callable[[], tuple[bool, str]]
-    reasons: Callable[[torch.device, bool], list[str]]
+    reasons: Callable[[torch.device, bool, Any], list[str]]
 
 
 def requires(*runtimes: Runtime) -> Runtime:
@@ -112,8 +113,8 @@ def requires(*runtimes: Runtime) -> Runtime:
         parts = [r.status() for r in runtimes]
         return all(ok for ok, _ in parts), "; ".join(why for _, why in parts)
 
-    def reasons(device, auto):
-        return [why for r in runtimes for why in r.reasons(device, auto)]
+    def reasons(device, auto, inputs):
+        return [why for r in runtimes for why in r.reasons(device, auto, inputs)]
 
     return Runtime(" + ".join(r.name for r in runtimes), status, reasons)
 
@@ -136,7 +137,7 @@ def _torch_status():
     return True, f"PyTorch's own kernels (torch {torch.__version__})"
 
 
-TORCH = Runtime("torch", _torch_status, lambda device, auto: [])
+TORCH = Runtime("torch", _torch_status, lambda device, auto, inputs: [])
 
 
 def _numba_status():
@@ -145,7 +146,7 @@ def _numba_status():
     return True, "numba kernels on the CPU"
 
 
-def _numba_reasons(device, auto):
+def _numba_reasons(device, auto, inputs):
     ok, why = _numba_status()
     return [] if ok else [why]
 
@@ -163,14 +164,30 @@ def _triton_status():
     return True, "Triton on the GPU"
 
 
-def _triton_reasons(device, auto):
+INTERPRETER_BF16_REASON = (
+    "bfloat16 under the Triton interpreter: its bfloat16 stores truncate instead of rounding "
+    "and its tl.dot on bfloat16 multiplies raw bit patterns (triton-lang/triton#11584); use "
+    "float16/float32 on the CPU, bfloat16 on the GPU")
+
+
+def _has_bfloat16(inputs) -> bool:
+    """Any tensor input, or a dtype input (an output dtype), in bfloat16."""
+    return any((isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16)
+               or a is torch.bfloat16 for a in inputs)
+
+
+def _triton_reasons(device, auto, inputs):
     if not _module_present("triton"):
         return ["triton is not installed"]
     if device.type == "cpu":
         if not triton_interpreting():
             return ["CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"]
+        reasons = []
         if auto:
-            return ["auto does not pick the Triton interpreter; force 'triton' to run it"]
+            reasons.append("auto does not pick the Triton interpreter; force 'triton' to run it")
+        if _has_bfloat16(inputs):
+            reasons.append(INTERPRETER_BF16_REASON)
+        return reasons
     return []
 
 
@@ -190,7 +207,7 @@ def cuda_extension(symbol: str | None = None) -> Runtime:
             return False, f"extension built ({ext['archs']}) but no CUDA device"
         return True, f"xray_ops._C built for {ext['archs']}"
 
-    def reasons(device, auto):
+    def reasons(device, auto, inputs):
         ext = _ext.status()
         if not ext["built"]:
             return [ext["reason"]]
@@ -497,7 +514,7 @@ def _reasons(impl: Impl, inputs, *, auto: bool, backward: bool) -> list[str]:
     device, dtype = key.device, key.dtype
     if device.type not in impl.devices:
         return [f"device {device.type} not supported (supports {sorted(impl.devices)})"]
-    reasons = list(impl.runtime.reasons(device, auto))
+    reasons = list(impl.runtime.reasons(device, auto, inputs))
     if dtype not in impl.dtypes:
         reasons.append(f"dtype {dtype_name(dtype)} not supported "
                        f"(supports {dtype_names(impl.dtypes)})")

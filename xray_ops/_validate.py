@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Iterable
 
 import torch
@@ -53,14 +54,23 @@ def shape(t: torch.Tensor, name: str, expected: tuple, what: str = "") -> None:
                          f"got {tuple(t.shape)}")
 
 
+def _range(lo, hi, lo_open: bool = False) -> str:
+    return (f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, "
+            f"{hi if hi is not None else 'inf'}]")
+
+
 def integer(v, name: str, *, lo: int | None = None, hi: int | None = None) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        # torch.SymInt under torch.compile behaves as an int
-        if type(v).__name__ != "SymInt":
-            raise TypeError(f"{name}: expected an int, got {type(v).__name__} ({v!r})")
+    """``v`` as a Python int: anything ``operator.index`` takes (int, numpy integers, 0-d integer
+    tensors; not bool); a torch.SymInt (under torch.compile) is passed through as it is."""
+    if type(v).__name__ != "SymInt":
+        try:
+            if isinstance(v, bool):
+                raise TypeError
+            v = operator.index(v)
+        except TypeError:
+            raise TypeError(f"{name}: expected an int, got {type(v).__name__} ({v!r})") from None
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-        raise ValueError(f"{name}: expected an int in {rng}, got {v}")
+        raise ValueError(f"{name}: expected an int in {_range(lo, hi)}, got {v}")
     return v
 
 
@@ -74,8 +84,10 @@ def number(v, name: str, *, lo: float | None = None, hi: float | None = None,
            lo_open: bool = False) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TypeError(f"{name}: expected a number, got {type(v).__name__} ({v!r})")
+    if v != v:
+        within = "" if lo is None and hi is None else f" in {_range(lo, hi, lo_open)}"
+        raise ValueError(f"{name}: expected a number{within}, got NaN")
     bad = (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi)
-    if bad or v != v:
-        left = "(" if lo_open else "["
-        raise ValueError(f"{name}: expected a number in {left}{lo}, {hi}], got {v}")
+    if bad:
+        raise ValueError(f"{name}: expected a number in {_range(lo, hi, lo_open)}, got {v}")
     return float(v)

@@ -24,6 +24,10 @@ constexpr int kMaxThreads = 256;
 // row tiles per thread and spills past 16 elements a thread at sm_90, so its rows stop at 4096
 constexpr int kMaxRow = 8192;
 constexpr int kBwdMaxRow = 4096;
+// Rows not in 16-byte packs (VEC 1) cost more registers an element (an address each): past 4096
+// elements (32 a thread) the residual forward spilled at sm_80 / sm_90a, so they stop there (the
+// dispatcher sends wider ones to Triton, copies misaligned ones, layer_norm_backends.py).
+constexpr int kUnalignedMaxRow = 4096;
 // min blocks 1: the whole register file is the budget. The rows are meant to stay in registers;
 // left to itself ptxas 13 trades registers for occupancy and spills (tests/test_cuda_resources.py
 // checks the built binary).
@@ -259,12 +263,14 @@ void dispatch_shape(const RowShape& s, F&& f) {
   constexpr int V = 16 / sizeof(T);
   auto with_vec = [&](auto vec_tag) {
     constexpr int VEC = decltype(vec_tag)::value;
+    constexpr int kRowLimit = VEC == 1 && kUnalignedMaxRow < kLimit ? kUnalignedMaxRow : kLimit;
     auto call = [&](auto np_tag) {
       constexpr int NP = decltype(np_tag)::value;
-      if constexpr (NP * VEC * kMaxThreads <= kLimit) {
+      if constexpr (NP * VEC * kMaxThreads <= kRowLimit) {
         f(vec_tag, np_tag);
       } else {
-        TORCH_CHECK(false, "layer_norm: rows longer than ", kLimit, " elements");
+        TORCH_CHECK(false, "layer_norm: rows longer than ", kRowLimit, " elements",
+                    VEC == 1 ? " (rows not in 16-byte packs)" : "");
       }
     };
     switch (s.np) {

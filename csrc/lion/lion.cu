@@ -16,6 +16,10 @@ constexpr int kThreads = 256;
 constexpr int kVec = 4;
 constexpr int kChunk = kThreads * kVec * 4;  // 4096 elements: 4 packs of 4 a thread
 
+__device__ __forceinline__ bool aligned_on_device(const void* p, int bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
 __device__ __forceinline__ float lion_sign(float c) {
   return c > 0.f ? 1.f : (c < 0.f ? -1.f : c);  // sign(0) = 0; NaN stays NaN
 }
@@ -36,8 +40,9 @@ __global__ void __launch_bounds__(kThreads)
   TM* m = reinterpret_cast<TM*>(table[2 * T + lo]);
   const int64_t numel = table[4 * T + 1 + lo];
   const int64_t first = (chunk - start[lo]) * kChunk;
-  const bool vec_ok = aligned_to(p, sizeof(TP) * kVec) && aligned_to(g, sizeof(TP) * kVec) &&
-                      aligned_to(m, sizeof(TM) * kVec);
+  const bool vec_ok = aligned_on_device(p, sizeof(TP) * kVec) &&
+                      aligned_on_device(g, sizeof(TP) * kVec) &&
+                      aligned_on_device(m, sizeof(TM) * kVec);
   for (int i = threadIdx.x * kVec; i < kChunk; i += kThreads * kVec) {
     const int64_t idx = first + i;
     if (idx >= numel) break;

@@ -1,12 +1,16 @@
 // ToMe bipartite soft matching (xray_ops.tome_match), CUDA.
 //
-// Three kernels, all parallel over (batch, token blocks); the (Na, Nb) score matrix never
+// Four kernels, all parallel over (batch, token blocks); the (Na, Nb) score matrix never
 // reaches global memory:
+//   normalize: a warp per token, as the definition normalises (xray_ops.reference.tome
+//           .tome_normalize): scaled by a power of two that brings its largest |value| into
+//           [1, 2) (exact), then divided by its norm (IEEE), so no square underflows or
+//           overflows at any finite magnitude. Writes the unit rows (B, N, D) in float32.
 //   scores: a block owns 64 A tokens (even positions) and walks the B tokens (odd positions) in
 //           tiles of 64, D in chunks of 16 through shared memory, 4x4 dot products per thread
-//           (fp32 FMA). score = (a·b) / (|a| |b|) with IEEE division; NaN counts as +inf (larger
-//           than every number, as torch.max); the CLS row / distillation column are -inf. A
-//           running row max keeps the first (lowest) index among equal maxima.
+//           (fp32 FMA) of unit rows: the cosine. NaN counts as +inf (larger than every number,
+//           as torch.max); the CLS row / distillation column are -inf. A running row max keeps
+//           the first (lowest) index among equal maxima.
 //   rank:   each A token's place in the stable descending order of its best score.
 //   plan:   with every rank known, each token finds its output slot and its place in the CSR
 //           slot_src / slot_start by counting over the A tokens (no sort, no atomics).
@@ -32,22 +36,43 @@ __device__ __forceinline__ float to_f(T v) {
   return static_cast<float>(v);
 }
 
-// |row| of `count` metric rows at positions first, first + 2, ...: a warp per row, lanes
-// strided over D, butterfly sum (a fixed order).
+// 2**k bringing amax into [1, 2), k clamped to the normal exponents [-126, 127], from the
+// bits: amax = 1.f * 2**(E - 127) gives k = 127 - E (zero / subnormal: E = 0, k = 127;
+// Inf / NaN: E = 255, k = -126). See xray_ops.reference.tome.power_of_two_scale.
+__device__ __forceinline__ float power_of_two_scale(float amax) {
+  const int e = (__float_as_int(amax) >> 23) & 0xff;
+  const int k = min(max(127 - e, -126), 127);
+  return __int_as_float((k + 127) << 23);
+}
+
+// A warp per token: u[t] = m[t]·2**k / |m[t]·2**k|, lanes strided over D, butterfly sums
+// (a fixed order). A zero row gives 0 / 0 = NaN, as in the definition. The extension is built
+// with --use_fast_math, which flushes float32 subnormals to zero: a metric value below
+// 1.2e-38 in magnitude counts as 0 here (every normal magnitude is exact).
 template <typename T>
-__device__ void row_norms(const T* __restrict__ mb, int64_t smn, int64_t smd, int first,
-                          int count, int D, float* out) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int i = warp; i < kTile; i += kWarps) {
-    float ss = 0.f;
-    if (i < count)
-      for (int d = lane; d < D; d += 32) {
-        const float v = to_f(mb[(int64_t)(first + 2 * i) * smn + (int64_t)d * smd]);
-        ss = fmaf(v, v, ss);
-      }
-    ss = warp_sum(ss);
-    if (lane == 0) out[i] = __fsqrt_rn(ss);
+__global__ void __launch_bounds__(kThreads)
+    tome_normalize_kernel(const T* __restrict__ m,  // (B, N, D), strides sm*
+                          float* __restrict__ u,    // (B, N, D), contiguous
+                          int N, int D, int64_t smb, int64_t smn, int64_t smd) {
+  const int lane = threadIdx.x & 31;
+  const int t = blockIdx.y * kWarps + (threadIdx.x >> 5);
+  if (t >= N) return;  // a whole warp leaves together: the shuffles below stay converged
+  const int64_t b = blockIdx.x;
+  const T* row = m + b * smb + (int64_t)t * smn;
+  float* out = u + (b * N + t) * (int64_t)D;
+  float amax = 0.f;
+  for (int d = lane; d < D; d += 32) amax = fmaxf(amax, fabsf(to_f(row[(int64_t)d * smd])));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const float scale = power_of_two_scale(amax);
+  float ss = 0.f;
+  for (int d = lane; d < D; d += 32) {
+    const float v = to_f(row[(int64_t)d * smd]) * scale;  // exact: a power of two
+    ss = fmaf(v, v, ss);
   }
+  const float norm = __fsqrt_rn(warp_sum(ss));
+  for (int d = lane; d < D; d += 32)
+    out[d] = __fdiv_rn(to_f(row[(int64_t)d * smd]) * scale, norm);
 }
 
 // (v, i) is better than (bv, bi): larger, or equal with a lower index
@@ -55,21 +80,17 @@ __device__ __forceinline__ bool better(float v, int i, float bv, int bi) {
   return v > bv || (v == bv && i < bi);
 }
 
-template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    tome_scores_kernel(const T* __restrict__ m,          // (B, N, D), strides sm*
+    tome_scores_kernel(const float* __restrict__ u,      // (B, N, D) unit rows, contiguous
                        float* __restrict__ node_max,     // (B, Na)
                        int32_t* __restrict__ node_idx,   // (B, Na)
-                       int Na, int Nb, int D, int64_t smb, int64_t smn, int64_t smd,
-                       bool class_token, bool distill_token) {
+                       int N, int Na, int Nb, int D, bool class_token, bool distill_token) {
   __shared__ float s_a[kTileD][kTile + 1];
   __shared__ float s_b[kTileD][kTile + 1];
-  __shared__ float s_na[kTile], s_nb[kTile];
   const int64_t b = blockIdx.x;
   const int a0 = blockIdx.y * kTile;
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-  const T* mb = m + b * smb;
-  row_norms(mb, smn, smd, 2 * a0, min(kTile, Na - a0), D, s_na);
+  const float* ub = u + b * N * (int64_t)D;
 
   float best[4];
   int best_idx[4];
@@ -79,8 +100,6 @@ __global__ void __launch_bounds__(kThreads)
     best_idx[k] = 0;
   }
   for (int b0 = 0; b0 < Nb; b0 += kTile) {
-    __syncthreads();  // the previous tile's s_nb reads are done
-    row_norms(mb, smn, smd, 2 * b0 + 1, min(kTile, Nb - b0), D, s_nb);
     float acc[4][4];
 #pragma unroll
     for (int k = 0; k < 4; ++k)
@@ -91,10 +110,8 @@ __global__ void __launch_bounds__(kThreads)
       for (int e = tid; e < kTile * kTileD; e += kThreads) {
         const int row = e / kTileD, d = d0 + e % kTileD;
         const int ia = a0 + row, jb = b0 + row;
-        s_a[e % kTileD][row] =
-            (ia < Na && d < D) ? to_f(mb[(int64_t)(2 * ia) * smn + (int64_t)d * smd]) : 0.f;
-        s_b[e % kTileD][row] =
-            (jb < Nb && d < D) ? to_f(mb[(int64_t)(2 * jb + 1) * smn + (int64_t)d * smd]) : 0.f;
+        s_a[e % kTileD][row] = (ia < Na && d < D) ? ub[(int64_t)(2 * ia) * D + d] : 0.f;
+        s_b[e % kTileD][row] = (jb < Nb && d < D) ? ub[(int64_t)(2 * jb + 1) * D + d] : 0.f;
       }
       __syncthreads();
 #pragma unroll
@@ -118,7 +135,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int l = 0; l < 4; ++l) {
         const int jl = tx + 16 * l, j = b0 + jl;
-        float s = __fdiv_rn(acc[k][l], s_na[il] * s_nb[jl]);
+        float s = acc[k][l];  // the cosine of two unit rows
         if (isnan(s)) s = INFINITY;  // NaN ranks above every number
         if ((class_token && i == 0) || (distill_token && j == 0) || j >= Nb) s = -INFINITY;
         if (l == 0 || s > tb) {  // columns ascend with l: strictly greater keeps the first
@@ -280,17 +297,21 @@ std::vector<at::Tensor> tome_match(const at::Tensor& metric, int64_t r, bool cla
   auto slot_src = at::empty({B, N}, i64);
   auto slot_start = at::empty({B, N - r + 1}, i64);
   if (B == 0) return {unm, src, dst, dest, slot_src, slot_start};
+  auto unit = at::empty({B, N, D}, metric.options().dtype(at::kFloat));
   auto node_max = at::empty({B, Na}, metric.options().dtype(at::kFloat));
   auto node_idx = at::empty({B, Na}, metric.options().dtype(at::kInt));
   auto rank = at::empty({B, Na}, metric.options().dtype(at::kInt));
   auto stream = at::cuda::getCurrentCUDAStream();
   XO_DISPATCH_HALF_BF16_FLOAT(metric.scalar_type(), "tome_match", [&] {
-    tome_scores_kernel<scalar_t><<<dim3(B, (Na + kTile - 1) / kTile), kThreads, 0, stream>>>(
-        metric.data_ptr<scalar_t>(), node_max.data_ptr<float>(), node_idx.data_ptr<int32_t>(),
-        Na, Nb, D, metric.stride(0), metric.stride(1), metric.stride(2), class_token,
-        distill_token);
+    tome_normalize_kernel<scalar_t><<<dim3(B, (N + kWarps - 1) / kWarps), kThreads, 0, stream>>>(
+        metric.data_ptr<scalar_t>(), unit.data_ptr<float>(), N, D, metric.stride(0),
+        metric.stride(1), metric.stride(2));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  tome_scores_kernel<<<dim3(B, (Na + kTile - 1) / kTile), kThreads, 0, stream>>>(
+      unit.data_ptr<float>(), node_max.data_ptr<float>(), node_idx.data_ptr<int32_t>(), N, Na, Nb,
+      D, class_token, distill_token);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   const dim3 grid(B, (Na + kThreads - 1) / kThreads);
   tome_rank_kernel<<<grid, kThreads, 0, stream>>>(node_max.data_ptr<float>(),
                                                   rank.data_ptr<int32_t>(), Na);

@@ -8,23 +8,20 @@ it does not give is built around it without an (Nq, Nk) matrix either:
 - key_bias is the mask, as a broadcast (B, 1, 1, Nk) view (never materialised); the kernel
   wants it in q's dtype. Without key_bias a zero mask: the kernel's unmasked path returns 0
   for a query row holding NaN, its masked path NaN, as the definition does.
-- cls_attn is one extra row per head: exp(scale · q₀ · kᵀ + bias − lse₀), averaged over heads.
+- cls_attn is one extra softmax row per head (query 0's logits scale · q₀ · kᵀ + bias),
+  averaged over heads: what exp(logits − lse₀) gives, normalised by the row's own sum instead
+  (one row: cheap, and exact where the kernel's float32 lse is not).
 - Rows whose keys are all masked (key_bias -inf): the kernel gives out 0 and lse 0; the
   contract says lse -inf, so those rows are found from key_bias and set.
 - Backward: the gradients are linear in what arrives at the three outputs, so each part is
   added on its own.
-  * dout: the kernel's backward as is.
+  * dout: the kernel's backward as is (dq, dk, dv).
   * dcls (the CLS row, row 0 of every head, takes dcls / H): a rank-one correction,
     dS₀ = P₀ ⊙ (g − ⟨P₀, g⟩) with g = dcls / H, added to dq₀, dk and dkey_bias —
     O(B·H·Nk·D), never the matrix.
-  * dlse and dkey_bias: one extra head-dim column e. q, k, v, out and dout are copied into
-    (D + 1)-wide float32 buffers (so 16-bit inputs get a float32 backward here).
-    q'ₑ = 1 / scale and k'ₑ = 0 leave every logit as is, and the kernel's
-    dk'ₑ = scale · Σᵢ dSᵢⱼ q'ₑ = Σᵢ dSᵢⱼ is dkey_bias for that head: the sums of dS over the
-    queries, accumulated blockwise inside the kernel. v'ₑ = 0, dout'ₑ = 1 and out'ₑ = −dlse
-    turn the kernel's δᵢ = Σ dout'ᵢ · out'ᵢ into δᵢ − dlseᵢ, which is exactly the dlse term
-    dSᵢⱼ += Pᵢⱼ dlseᵢ. The copies cost O(B·H·N·D); without a key_bias gradient or an lse
-    gradient the kernel runs on the inputs directly.
+  * dkey_bias (the sums of dS over the heads and queries) and dlse (dS += P ⊙ dlse, only
+    with a gradient through lse): one pass over P a slab of queries at a time
+    (:func:`_slab_pass`), beside the kernel's backward.
 
 The kernel's backward computes δ from dout and out (FlashAttention-2); the tests against the
 float64 reference hold every gradient to it. fp16 / bf16 / fp32 (float64 is the reference's:
@@ -40,6 +37,9 @@ import torch
 _FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 _NEG_INF = float("-inf")
+# queries per slab of P in the backward's own pass: (B, H, _BLOCK, Nk) at a time (128: the
+# batched matmuls of smaller slabs ran ~20 % slower at ViT lengths)
+_BLOCK = 128
 
 
 def _mask(key_bias: torch.Tensor | None, dtype: torch.dtype, n_k: int) -> torch.Tensor:
@@ -71,19 +71,30 @@ def _dead_rows(key_bias: torch.Tensor | None, n_q: int, causal: bool) -> torch.T
     return prefix[:, rows]
 
 
-def _row0_probs(q, k, key_bias, lse, scale: float, causal: bool) -> torch.Tensor:
-    """P[:, h, 0, :] (B, H, Nk) in float32 (float64 for float64) from lse: one row per head."""
+def _softmax_(s: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dim, in place; a row of -inf gives 0 (not NaN), as the kernel
+    and the definition do. Normalised by the row's own sum rather than through the kernel's
+    float32 lse, whose rounding (~1e-7 · |lse|) grows with the logits."""
+    m = s.amax(-1, keepdim=True)
+    s.sub_(m.masked_fill_(m == _NEG_INF, 0.0)).exp_()
+    total = s.sum(-1, keepdim=True)
+    return s.div_(total.masked_fill_(total == 0, 1.0))
+
+
+def _row0_probs(q, k, key_bias, scale: float, causal: bool) -> torch.Tensor:
+    """P[:, h, 0, :] (B, H, Nk) in float32 (float64 for float64): one softmax row per head."""
     acc = _acc(q.dtype)
-    s = torch.matmul(q[:, :, :1].to(acc), k.to(acc).transpose(-1, -2))[:, :, 0] * scale
+    # a product and a sum rather than a batched matmul, which would first copy a k that is a
+    # view of timm's packed qkv (its (B, H) dims do not merge)
+    s = (k.to(acc) * (q[:, :, 0].to(acc) * scale)[:, :, None, :]).sum(-1)
     if key_bias is not None:
         s = s + key_bias.to(acc)[:, None, :]
-    lse0 = lse[:, :, :1].to(acc)
-    # a fully masked row 0 (lse -inf) has P = 0: shift by +inf so exp gives 0, not NaN
-    lse0 = lse0.masked_fill(lse0 == _NEG_INF, float("inf"))
-    p0 = torch.exp(s - lse0)
     if causal:
-        p0[:, :, 1:] = 0  # query 0 sees key 0 only
-    return p0
+        s[:, :, 1:] = _NEG_INF  # query 0 sees key 0 only
+    # torch.softmax gives NaN on a row of -inf: the safe one where key_bias masks a whole row
+    if key_bias is not None and bool(torch.isneginf(key_bias).any()):
+        return _softmax_(s)
+    return torch.softmax(s, -1)
 
 
 def flash_attention_forward(q, k, v, key_bias, scale: float, causal: bool, want_cls: bool):
@@ -103,59 +114,97 @@ def flash_attention_forward(q, k, v, key_bias, scale: float, causal: bool, want_
         lse.masked_fill_(dead[:, None, :], _NEG_INF)
     cls = None
     if want_cls:
-        cls = _row0_probs(q, k, key_bias, lse, scale, causal).mean(1).to(q.dtype)
+        cls = _row0_probs(q, k, key_bias, scale, causal).mean(1).to(q.dtype)
     return out, cls, lse
 
 
-def _padded(t: torch.Tensor, fill: float | torch.Tensor, factor: float = 1.0) -> torch.Tensor:
-    """t (B, H, N, D) copied (times ``factor``) into a float32 (float64 for float64)
-    (B, H, N, D + 1) buffer whose extra column holds ``fill`` (a number or a (B, H, N)
-    tensor)."""
-    B, H, N, D = t.shape
-    buf = t.new_empty(B, H, N, D + 1, dtype=_acc(t.dtype))
-    if factor == 1.0:
-        buf[..., :D].copy_(t)
-    else:
-        torch.mul(t, factor, out=buf[..., :D])
-    buf[..., D] = fill
-    return buf
+def _bh(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, H, N, X) -> (B·H, N, X) in ``dtype``: a view when the layout allows, else one copy."""
+    B, H, N, X = t.shape
+    return t.to(dtype).reshape(B * H, N, X)
+
+
+def _slab_pass(q, k, v, key_bias, dout, dlse, scale: float, causal: bool, want_db: bool,
+               block: int = _BLOCK):
+    """What the kernel's backward does not give, in one pass over P, a slab of ``block``
+    queries per head at a time (never the (Nq, Nk) matrix):
+
+    - dkey_bias per head (B, H, Nk) = Σᵢ dSᵢⱼ = Σᵢ Pᵢⱼ (dPᵢⱼ − δᵢ + dlseᵢ), with
+      dP = dout vᵀ and δᵢ = Σⱼ Pᵢⱼ dPᵢⱼ from the slab itself (a slab holds whole rows; more
+      exact than doutᵢ · outᵢ): two matmuls and one softmax per slab. (The identity
+      Σᵢ Pᵢⱼ dPᵢⱼ = vⱼ · dvⱼ would spare a matmul, but the difference of two large sums
+      loses several digits: measured beyond the error budget in float32.)
+    - dlse's share of dq and dk: dSᵢⱼ += Pᵢⱼ dlseᵢ, so dqᵢ += scale · dlseᵢ Σⱼ Pᵢⱼ kⱼ and
+      dkⱼ += scale · Σᵢ Pᵢⱼ dlseᵢ qᵢ (two more matmuls per slab; only with a gradient
+      through lse).
+
+    Returns (dkey_bias per head or None, dq extra or None, dk extra or None), in float32
+    (float64 for float64).
+    """
+    acc = _acc(q.dtype)
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[2]
+    q3, k3 = _bh(q, acc), _bh(k, acc)
+    k3t = k3.transpose(1, 2)  # (B·H, D, Nk): bmm takes the transposed view as is
+    bias3 = key_bias.to(acc)[:, None, None, :].expand(B, H, 1, Nk).reshape(B * H, 1, Nk) \
+        if key_bias is not None else None
+    # torch.softmax gives NaN on a row of -inf: the safe one where key_bias masks whole rows
+    softmax = _softmax_ if _dead_rows(key_bias, Nq, causal) is not None \
+        else (lambda t: torch.softmax(t, -1))
+    db3 = dout3 = v3t = dq3 = dk3 = dlse3 = None
+    if want_db:
+        db3 = q3.new_zeros(B * H, Nk)
+        dout3, v3t = _bh(dout, acc), _bh(v, acc).transpose(1, 2)
+    if dlse is not None:
+        dlse3 = dlse.to(acc).reshape(B * H, Nq, 1)
+        dq3 = q3.new_zeros(B * H, Nq, q.shape[3])
+        dk3 = q3.new_zeros(B * H, Nk, q.shape[3])
+    keys = torch.arange(Nk, device=q.device)
+    for i0 in range(0, Nq, block):
+        i1 = min(Nq, i0 + block)
+        n = min(Nk, i1) if causal else Nk  # with causal, keys past the slab's last query are out
+        q_s = q3[:, i0:i1] * scale  # scale the slab's queries, not its (block, Nk) logits
+        s = torch.bmm(q_s, k3t[..., :n])
+        if bias3 is not None:
+            s.add_(bias3[..., :n])
+        if causal:
+            s.masked_fill_(keys[None, :n] > torch.arange(i0, i1, device=q.device)[:, None],
+                           _NEG_INF)
+        p = softmax(s)  # Pᵢⱼ of the slab (it holds whole rows)
+        if dlse is not None:
+            pl = p * dlse3[:, i0:i1]
+            dq3[:, i0:i1] = torch.bmm(pl, k3[:, :n]).mul_(scale)
+            dk3[:, :n].baddbmm_(pl.transpose(1, 2), q_s)
+        if want_db:
+            dp = torch.bmm(dout3[:, i0:i1], v3t[..., :n])
+            w = (p * dp).sum(-1, keepdim=True)  # δᵢ
+            if dlse is not None:
+                w -= dlse3[:, i0:i1]
+            db3[:, :n] += dp.sub_(w).mul_(p).sum(1)
+    as4 = lambda t: None if t is None else t.view(B, H, *t.shape[1:])  # noqa: E731
+    return as4(db3), as4(dq3), as4(dk3)
 
 
 def flash_attention_backward(dout, dcls, dlse, q, k, v, key_bias, key_bias_grad: bool, out, lse,
                              scale: float, causal: bool, dq, dk, dv):
     """Writes dq, dk, dv (any strides); returns dkey_bias (B, Nk) when key_bias_grad, else
     None. dcls (B, Nk) / dlse (B, H, Nq) may be None (no gradient arrives there)."""
-    B, H, Nq, D = q.shape
+    H = q.shape[1]
+    acc = _acc(q.dtype)
     want_db = key_bias is not None and key_bias_grad
     # the kernel's own convention for fully masked rows (P = exp(-inf - 0) = 0)
     lse_k = lse.masked_fill(lse == _NEG_INF, 0.0)
-    if dlse is None and not want_db:
-        gq, gk, gv = _BWD(dout, q, k, v, out, lse_k, 0.0, causal,
-                          attn_mask=_mask(key_bias, q.dtype, k.shape[2]), scale=scale)
-        db_heads = None
-    else:
-        # the extra column: see the module docstring. The buffers are float32 (float64), so
-        # for 16-bit inputs this backward computes in float32 and dkey_bias is summed over the
-        # heads before any rounding. q'ₑ = 1 / scale: the kernel's dk'ₑ = scale · Σᵢ dSᵢⱼ · q'ₑ
-        # is Σᵢ dSᵢⱼ, divided below by the q'ₑ actually stored (its rounding cancels). With
-        # scale 0 q is pre-scaled instead and the kernel runs with scale 1.
-        live = dlse is not None
-        acc = _acc(q.dtype)
-        c = torch.tensor(1.0 / scale if scale != 0 else float("inf"), dtype=acc)
-        prescale = not bool(torch.isfinite(c))
-        q_scale, k_scale, c = (scale, 1.0, 1.0) if prescale else (1.0, scale, float(c))
-        gq, gk, gv = _BWD(_padded(dout, 1.0 if live else 0.0), _padded(q, c, q_scale),
-                          _padded(k, 0.0), _padded(v, 0.0),
-                          _padded(out, -dlse.to(acc) if live else 0.0), lse_k.to(acc), 0.0,
-                          causal, attn_mask=_mask(key_bias, acc, k.shape[2]), scale=k_scale)
-        db_heads = gk[..., D] / (k_scale * c) if want_db else None
-        gq, gk, gv = gq[..., :D], gk[..., :D], gv[..., :D]
-        if prescale:
-            gq = gq.mul_(scale)
+    gq, gk, gv = _BWD(dout, q, k, v, out, lse_k, 0.0, causal,
+                      attn_mask=_mask(key_bias, q.dtype, k.shape[2]), scale=scale)
+    db_heads = None
+    if want_db or dlse is not None:
+        db_heads, dq_x, dk_x = _slab_pass(q, k, v, key_bias, dout, dlse, scale, causal,
+                                          want_db)
+        if dlse is not None:
+            gq, gk = dq_x.add_(gq), dk_x.add_(gk)
     if dcls is not None:
         # the CLS row: every head's row 0 receives dcls / H (rank one, row 0 only)
-        acc = _acc(q.dtype)
-        p0 = _row0_probs(q, k, key_bias, lse, scale, causal)  # (B, H, Nk)
+        p0 = _row0_probs(q, k, key_bias, scale, causal)  # (B, H, Nk)
         g = dcls.to(acc)[:, None, :] / H
         ds0 = p0 * (g - (p0 * g).sum(-1, keepdim=True))
         gq[:, :, 0] += (torch.matmul(ds0[:, :, None, :], k.to(acc))[:, :, 0] * scale).to(gq.dtype)

@@ -11,6 +11,8 @@ import numba
 import numpy as np
 import torch
 
+from ..reference.evit import appends_fused_token
+
 
 @numba.njit(cache=True, nogil=True)
 def _descending_order(a):
@@ -97,8 +99,9 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 def evit_select_forward(x: torch.Tensor, cls_attn: torch.Tensor, keep: int, fuse: bool):
-    """x (B, N, C), cls_attn (B, N-1) -> (x_out (B, 1+keep+fuse, C), keep_idx (B, keep))."""
+    """x (B, N, C), cls_attn (B, N-1) -> (x_out (B, 1+keep+fused, C), keep_idx (B, keep))."""
     B, N, C = x.shape
+    fuse = appends_fused_token(N, keep, fuse)
     out = torch.empty(B, 1 + keep + int(fuse), C, dtype=x.dtype)
     idx = torch.empty(B, keep, dtype=torch.int64)
     if B:
@@ -108,7 +111,8 @@ def evit_select_forward(x: torch.Tensor, cls_attn: torch.Tensor, keep: int, fuse
 
 def evit_select_backward(grad_out: torch.Tensor, x: torch.Tensor, cls_attn: torch.Tensor,
                          keep: int, fuse: bool):
-    """grad_out (B, 1+keep+fuse, C) -> (grad_x (B, N, C), grad_cls (B, N-1))."""
+    """grad_out (B, 1+keep+fused, C) -> (grad_x (B, N, C), grad_cls (B, N-1))."""
+    fuse = appends_fused_token(x.shape[1], keep, fuse)
     gx = torch.empty(x.shape, dtype=x.dtype)
     ga = torch.empty(cls_attn.shape, dtype=cls_attn.dtype)
     if x.shape[0]:

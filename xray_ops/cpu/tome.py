@@ -1,10 +1,12 @@
 """numba kernels for ToMe token merging on the CPU: matching, merge forward and merge backward.
 
-Parallel over the batch. Matching per row: cosine scores (a·b) / (‖a‖‖b‖) row by row (the dot
-products accumulate in the metric's dtype, float32 or float64, vectorised over the channels),
+Parallel over the batch. Matching per row: every token normalised first, as the definition does
+(scaled by a power of two that brings its largest |value| into [1, 2), then divided by its norm:
+no underflow or overflow at any finite magnitude), then cosine scores as dot products of unit
+rows (accumulated in the metric's dtype, float32 or float64, vectorised over the channels),
 the first argmax with NaN as +inf, a stable descending argsort of the best scores, then ToMe's
 output order and the CSR grouping in O(N). Merge: each output slot sums size·x over its group
-in float64 (a slot of one token is a copy); backward: each input token reads its slot.
+in float64 (a slot of one token of size 1 is a copy); backward: each input token reads its slot.
 
 On a CPU shared with other processes, numba's OpenMP threading layer spin-waits between parallel
 regions and loses its core's time slices: on the shared 2-core development machine the ViT-B
@@ -14,25 +16,52 @@ or NUMBA_THREADING_LAYER=workqueue set in the environment (the eager reference: 
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 import torch
+
+from ..reference.tome import exponent_range
+
+
+@numba.njit(inline="always")
+def _power_of_two_scale(amax, lo, hi):
+    # 2**k bringing amax into [1, 2), k clamped to [lo, hi] (the normal exponents): see
+    # xray_ops.reference.tome.power_of_two_scale. frexp: amax = mantissa·2**e, mantissa in [.5, 1)
+    e = math.frexp(amax)[1] if amax > 0.0 and amax < np.inf else 0
+    k = min(max(1 - e, lo), hi)
+    return math.ldexp(1.0, k)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _normalize_rows(m, lo, hi, u):
+    """m (N, D) -> u (N, D) in m's dtype: m·2**k / ‖m·2**k‖ per row (the definition's
+    tome_normalize; the norm's sum of squares in float64)."""
+    N, D = m.shape
+    for t in range(N):
+        amax = 0.0
+        for d in range(D):
+            a = abs(np.float64(m[t, d]))
+            amax = a if a > amax else amax  # NaN never wins: a NaN row stays NaN below
+        s = u.dtype.type(_power_of_two_scale(amax, lo, hi))
+        ss = 0.0
+        for d in range(D):
+            v = np.float64(m[t, d] * s)  # in m's dtype, as the definition scales
+            ss += v * v
+        norm = u.dtype.type(np.sqrt(ss))
+        for d in range(D):
+            u[t, d] = (m[t, d] * s) / norm  # one division in m's dtype, as m / m.norm()
 
 
 # reassoc + contract only: the dot products vectorise (a fixed association, so the same bits on
 # every run); no finite-math flags, the NaN rule below still holds
 @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
 def _best_matches(m, class_token, distill_token, node_max, node_idx):
-    """m (N, D) one row's metric, contiguous -> node_max (Na,) float64, node_idx (Na,) int64."""
+    """m (N, D) one row's unit-norm metric, contiguous -> node_max (Na,) float64, node_idx (Na,)
+    int64."""
     N, D = m.shape
     Na, Nb = (N + 1) // 2, N // 2
-    norm = np.empty(N, dtype=np.float64)
-    for t in range(N):
-        ss = 0.0
-        for d in range(D):
-            v = np.float64(m[t, d])
-            ss += v * v
-        norm[t] = np.sqrt(ss)
     score = np.empty(Nb, dtype=np.float64)
     for i in range(Na):
         if class_token and i == 0:  # the CLS row is all -inf: its first column
@@ -45,7 +74,7 @@ def _best_matches(m, class_token, distill_token, node_max, node_idx):
                 dot += m[2 * i, d] * m[2 * j + 1, d]
             score[j] = dot
         for j in range(Nb):
-            s = score[j] / (norm[2 * i] * norm[2 * j + 1])
+            s = score[j]
             score[j] = np.inf if np.isnan(s) else s  # NaN ranks above every number
         if distill_token:
             score[0] = -np.inf
@@ -60,7 +89,8 @@ def _best_matches(m, class_token, distill_token, node_max, node_idx):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, error_model="numpy")
-def _match(metric, r, class_token, distill_token, unm, src, dst, dest, slot_src, slot_start):
+def _match(metric, lo, hi, r, class_token, distill_token, unm, src, dst, dest, slot_src,
+           slot_start):
     B, N, D = metric.shape
     Na, Nb = (N + 1) // 2, N // 2
     U = Na - r
@@ -68,7 +98,9 @@ def _match(metric, r, class_token, distill_token, unm, src, dst, dest, slot_src,
     for b in numba.prange(B):
         node_max = np.empty(Na, dtype=np.float64)
         node_idx = np.empty(Na, dtype=np.int64)
-        _best_matches(metric[b], class_token, distill_token, node_max, node_idx)
+        unit = np.empty((N, D), dtype=metric.dtype)
+        _normalize_rows(metric[b], lo, hi, unit)
+        _best_matches(unit, class_token, distill_token, node_max, node_idx)
         # stable descending order of the best scores (no NaN left: they became +inf)
         order = np.argsort(-node_max, kind="mergesort")
         merged = np.zeros(Na, dtype=np.bool_)
@@ -117,7 +149,7 @@ def _match(metric, r, class_token, distill_token, unm, src, dst, dest, slot_src,
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, error_model="numpy")
-def _merge_forward(x, size, has_size, slot_src, slot_start, out, size_out):
+def _merge_forward(x, size, has_size, exact_products, slot_src, slot_start, out, size_out):
     B, N, C = x.shape
     n_out = out.shape[1]
     for b in numba.prange(B):
@@ -126,12 +158,16 @@ def _merge_forward(x, size, has_size, slot_src, slot_start, out, size_out):
             st = slot_start[b, o]
             en = slot_start[b, o + 1]
             if en - st == 1:
-                # one token: (size·x) / size is x itself
                 p = slot_src[b, st]
-                for c in range(C):
-                    out[b, o, c] = x[b, p, c]
-                size_out[b, o, 0] = size[b, p, 0] if has_size else 1.0
-                continue
+                s = np.float64(size[b, p, 0]) if has_size else 1.0
+                # one token: (size·x) / size is x itself when size is 1, or when it is finite
+                # and non-zero and size·x is exact in float64 (float32 x and size); otherwise
+                # (size 0, ±Inf, NaN) compute it as the definition does: 0·x / 0 is NaN
+                if s == 1.0 or (exact_products and s != 0.0 and abs(s) < np.inf):
+                    for c in range(C):
+                        out[b, o, c] = x[b, p, c]
+                    size_out[b, o, 0] = s
+                    continue
             acc[:] = 0.0
             total = 0.0
             for t in range(st, en):
@@ -199,7 +235,9 @@ def tome_match(metric: torch.Tensor, r: int, class_token: bool, distill_token: b
            torch.empty(B, N, dtype=torch.int64), torch.empty(B, N - r + 1, dtype=torch.int64))
     if B:
         with _chunks():
-            _match(_npc(metric), r, class_token, distill_token, *(t.numpy() for t in out))
+            lo, hi = exponent_range(metric.dtype)
+            _match(_npc(metric), lo, hi, r, class_token, distill_token,
+                   *(t.numpy() for t in out))
     return out
 
 
@@ -212,8 +250,8 @@ def tome_merge_forward(x: torch.Tensor, size, dest, slot_src, slot_start):
     if B and n_out:
         s = _npc(size) if size is not None else np.ones((1, 1, 1), dtype=out.numpy().dtype)
         with _chunks():
-            _merge_forward(_np(x), s, size is not None, _npc(slot_src), _npc(slot_start),
-                           out.numpy(), size_out.numpy())
+            _merge_forward(_np(x), s, size is not None, x.dtype == torch.float32,
+                           _npc(slot_src), _npc(slot_start), out.numpy(), size_out.numpy())
     return out, size_out
 
 

@@ -20,7 +20,9 @@ class EViTSelect(nn.Module):
     schedule with :meth:`set_step`.
 
     forward(x (B, N, C), cls_attn (B, N-1)) -> (x_out (B, 1 + keep + fuse, C), keep_idx (B, keep)),
-    or (x, None) unchanged while the scheduled keep rate is 1 (EViT skips the step then).
+    or (x, None) unchanged when nothing would be dropped: while the scheduled keep rate is 1,
+    and while it keeps every patch token (keep == N-1, a rate just under 1), as EViT skips the
+    step then (so the token count never grows).
 
     Equivalent PyTorch: ``xray_ops.reference.evit.evit_select(x, cls_attn, keep, fuse)`` with
     ``keep = math.ceil(rate * (N - 1))``.
@@ -56,6 +58,8 @@ class EViTSelect(nn.Module):
         if rate >= 1.0:
             return x, None
         keep = evit_keep_count(x.shape[1] - 1, rate)
+        if keep >= x.shape[1] - 1:
+            return x, None
         return evit_select(x, cls_attn, keep, fuse=self.fuse)
 
     def extra_repr(self) -> str:

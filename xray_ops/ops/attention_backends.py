@@ -151,9 +151,6 @@ def _triton_reasons(q, k, v, out_grads=()) -> list[str]:
     lo, hi = TRITON_HEAD_DIMS
     if not lo <= D <= hi:
         reasons.append(f"head dim {D} not supported (supports {lo} <= D <= {hi})")
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        reasons.append("bfloat16 under the Triton interpreter: its tl.dot on bfloat16 is wrong "
-                       "(triton-lang/triton#11584); use float16/float32 on the CPU")
     return reasons + _int32_offsets_reasons(q, k, v, *out_grads)
 
 

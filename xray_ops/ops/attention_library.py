@@ -43,6 +43,8 @@ def _register_autograd(op, backward_op, differentiable: tuple[str, ...]) -> None
     kb_index = fwd_names.index("key_bias")
 
     def setup_context(ctx, inputs, output):
+        # outputs the loss does not use bring None, not zeros: no work for their gradients
+        ctx.set_materialize_grads(False)
         args = dict(zip(fwd_names, inputs))
         out, _, lse = output
         tensors = {n: args[n] for n in saved_names

@@ -26,8 +26,8 @@ def evit_keep_count(n_patch_tokens: int, keep_rate: float) -> int:
 
     n_patch_tokens >= 1, 0 < keep_rate <= 1 (the same formula as EViT's reference code).
     """
-    _validate.integer(n_patch_tokens, "n_patch_tokens", lo=1)
-    _validate.number(keep_rate, "keep_rate", lo=0.0, hi=1.0, lo_open=True)
+    n_patch_tokens = _validate.integer(n_patch_tokens, "n_patch_tokens", lo=1)
+    keep_rate = _validate.number(keep_rate, "keep_rate", lo=0.0, hi=1.0, lo_open=True)
     return math.ceil(keep_rate * n_patch_tokens)
 
 
@@ -42,8 +42,11 @@ def evit_select(x: torch.Tensor, cls_attn: torch.Tensor, keep: int, *, fuse: boo
         fuse: append the fused token (EViT's "inattentive token fusion").
 
     Returns:
-        x_out: (B, 1 + keep + fuse, C) = [CLS, kept tokens in keep_idx order, fused token];
-            fused = sum over dropped j of cls_attn[:, j] * x[:, 1 + j] (not renormalised).
+        x_out: (B, 1 + keep + fused, C) = [CLS, kept tokens in keep_idx order, fused token];
+            fused = sum over dropped j of cls_attn[:, j] * x[:, 1 + j] (not renormalised),
+            appended only when fuse and keep < N-1: with keep == N-1 nothing is dropped and
+            x_out is (B, N, C), the tokens in keep_idx order (EViT itself then leaves x as is;
+            :class:`xray_ops.nn.EViTSelect` does too).
         keep_idx: (B, keep) int64 indices into x[:, 1:], by descending cls_attn (ties: lower
             index first; NaN ranks first).
 
@@ -54,7 +57,7 @@ def evit_select(x: torch.Tensor, cls_attn: torch.Tensor, keep: int, *, fuse: boo
         drop = cls_attn.sort(1, descending=True, stable=True).indices[:, keep:]
         fused = (cls_attn.gather(1, drop)[..., None]
                  * x[:, 1:].gather(1, drop[..., None].expand(-1, -1, C))).sum(1, keepdim=True)
-        x_out = torch.cat([x[:, :1], kept, fused], 1)
+        x_out = torch.cat([x[:, :1], kept, fused], 1)   # [x[:, :1], kept] if keep == N-1
     """
     _validate.tensor(x, "x", ndim=3, floating=True)
     _validate.tensor(cls_attn, "cls_attn", ndim=2, floating=True)
@@ -65,8 +68,9 @@ def evit_select(x: torch.Tensor, cls_attn: torch.Tensor, keep: int, *, fuse: boo
         raise ValueError(f"x: expected at least 2 tokens (CLS + 1 patch token) in dim 1, "
                          f"got shape {tuple(x.shape)}")
     _validate.shape(cls_attn, "cls_attn", (B, N - 1), "(B, N-1) for x of shape (B, N, C)")
-    _validate.integer(keep, "keep", lo=1, hi=N - 1)
+    keep = _validate.integer(keep, "keep", lo=1, hi=N - 1)
     _validate.boolean(fuse, "fuse")
+    fuse = ref.appends_fused_token(N, keep, fuse)
     return torch.ops.xray_ops.evit_select(x, cls_attn, keep, fuse, _dispatch.requested_backend())
 
 
@@ -97,18 +101,19 @@ class EViTConfig:
         except TypeError:
             raise TypeError(f"locations: expected an iterable of ints, got "
                             f"{type(self.locations).__name__} ({self.locations!r})") from None
-        for i, v in enumerate(locs):
-            _validate.integer(v, f"locations[{i}]", lo=0)
+        locs = tuple(_validate.integer(v, f"locations[{i}]", lo=0) for i, v in enumerate(locs))
         if len(set(locs)) != len(locs):
             raise ValueError(f"locations: expected distinct block indices, got {locs}")
         object.__setattr__(self, "locations", tuple(sorted(locs)))
         _validate.boolean(self.fuse, "fuse")
-        _validate.integer(self.warmup_steps, "warmup_steps", lo=0)
-        _validate.integer(self.shrink_steps, "shrink_steps", lo=0)
+        object.__setattr__(self, "warmup_steps",
+                           _validate.integer(self.warmup_steps, "warmup_steps", lo=0))
+        object.__setattr__(self, "shrink_steps",
+                           _validate.integer(self.shrink_steps, "shrink_steps", lo=0))
 
     def check_depth(self, depth: int) -> None:
         """ValueError unless every location is a block index of a model with ``depth`` blocks."""
-        _validate.integer(depth, "depth", lo=1)
+        depth = _validate.integer(depth, "depth", lo=1)
         bad = [i for i in self.locations if i >= depth]
         if bad:
             raise ValueError(f"locations: expected block indices in [0, {depth - 1}] for a model "
@@ -128,19 +133,22 @@ class EViTConfig:
 @torch.library.custom_op("xray_ops::evit_select", mutates_args=())
 def _evit_select_op(x: torch.Tensor, cls_attn: torch.Tensor, keep: int, fuse: bool,
                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    fuse = ref.appends_fused_token(x.shape[1], keep, fuse)
     return _dispatch.run(OP, backend, x=x, cls_attn=cls_attn, keep=keep, fuse=fuse)
 
 
 @_evit_select_op.register_fake
 def _(x, cls_attn, keep, fuse, backend):
-    B, _, C = x.shape
-    return x.new_empty(B, 1 + keep + int(fuse), C), x.new_empty(B, keep, dtype=torch.int64)
+    B, N, C = x.shape
+    fused = ref.appends_fused_token(N, keep, fuse)
+    return x.new_empty(B, 1 + keep + int(fused), C), x.new_empty(B, keep, dtype=torch.int64)
 
 
 @torch.library.custom_op("xray_ops::evit_select_backward", mutates_args=())
 def _evit_select_backward_op(grad_out: torch.Tensor, x: torch.Tensor, cls_attn: torch.Tensor,
                              keep: int, fuse: bool,
                              backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    fuse = ref.appends_fused_token(x.shape[1], keep, fuse)
     return _dispatch.run_backward(OP, backend, grad_out=grad_out, x=x, cls_attn=cls_attn,
                                   keep=keep, fuse=fuse)
 

@@ -64,6 +64,8 @@ def quantize_per_token(x: torch.Tensor):
         x_q: (..., K) int8 = clamp(round_half_even(x / scale), -127, 127).
         scale: (..., 1) float32 = absmax over the row / 127; an all-zero row gets scale 1.0
             (finite; it dequantizes to zeros). A row holding NaN gets scale NaN (Inf: +Inf).
+            A finite float64 row too large for a float32 scale (max |x| > 127 · 3.4e38):
+            ValueError.
 
     Inference only (no autograd). Equivalent PyTorch::
 
@@ -125,14 +127,16 @@ def int8_matmul(a_q: torch.Tensor, b_q: torch.Tensor, a_scale: torch.Tensor,
         a_scale: (M, 1) float (float16, bfloat16, float32), per-row scale of a_q.
         b_scale: (N,) float, per-output-channel scale of b_q.
         bias: (N,) float or None.
-        out_dtype: float16, bfloat16, float32 (float64: torch, triton and cpu backends);
-            None means bfloat16 on the GPU, else the (promoted) dtype of the scales.
+        out_dtype: float16, bfloat16, float32 (float64: torch and cpu backends, the epilogue
+            then in float64); None means bfloat16 on the GPU, else the (promoted) dtype of
+            the scales.
         activation: None, "gelu" (the exact erf form) or "gelu_tanh" (the tanh approximation):
             the GELU of :func:`xray_ops.bias_gelu`.
 
     Returns:
         (M, N) out_dtype: y = (a_q @ b_qᵀ) · a_scale · b_scale (+ bias) (→ GELU), accumulated
-        exactly in int32 (K <= 131071), the epilogue in float32, rounded once to out_dtype.
+        exactly in int32 (K <= 131071), the epilogue in float32 (float64 for a float64
+        out_dtype), rounded once to out_dtype.
 
     Inference only (no autograd). Equivalent PyTorch::
 

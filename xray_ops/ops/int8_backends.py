@@ -102,6 +102,13 @@ _triton_row_check = _row_check(TRITON_MAX_ROW, "Triton")
 _cuda_row_check = _row_check(CUDA_MAX_ROW, "CUDA")
 
 
+def _triton_gemm_check(inputs) -> list[str]:
+    # the Triton epilogue computes in float32: a float64 result would not be the float64
+    # epilogue rounded once (the torch and cpu backends compute that)
+    return [f"out_dtype {inputs.out_dtype}: the Triton epilogue computes in float32 (float64 "
+            f"output: torch or cpu backend)"] if inputs.out_dtype == torch.float64 else []
+
+
 def _cp_async_rows(name: str, t: torch.Tensor) -> list[str]:
     if t.numel() and (t.stride(1) != 1 or t.stride(0) % 16 or t.data_ptr() % 16):
         return [f"{name} rows are not contiguous and 16-byte aligned "
@@ -161,7 +168,8 @@ register("layernorm_quant", "cpu", forward=lazy(_CPU, "layernorm_quant"),
 declare("int8_matmul", forward=("a_q", "b_q", "a_scale", "b_scale", "bias", "out_dtype",
                                 "activation"), key="a_q", priority=_GEMM_FIRST)
 register("int8_matmul", "torch", forward=ref.int8_matmul_op, dtypes=_I8)
-register("int8_matmul", "triton", forward=_triton_matmul, dtypes=_I8)
+register("int8_matmul", "triton", forward=_triton_matmul, dtypes=_I8,
+         forward_check=_triton_gemm_check)
 register("int8_matmul", "cuda", forward=_cuda_matmul, dtypes=_I8,
          min_compute_capability=_GEMM_CC, forward_check=_cuda_gemm_check)
 register("int8_matmul", "cpu", forward=_cpu_matmul, dtypes=_I8)

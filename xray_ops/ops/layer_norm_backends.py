@@ -51,9 +51,26 @@ def _f32(t):
     return None if t is None else t.to(torch.float32).contiguous()
 
 
+def _packed(t) -> bool:
+    """Rows the CUDA kernel reads in 16-byte packs (csrc/layer_norm row_shape): an aligned start
+    and a row stride of whole packs (C itself a multiple of the pack: checked by the caller)."""
+    full = 16 // t.element_size()
+    return t.data_ptr() % 16 == 0 and (t.shape[0] <= 1 or t.stride(0) % full == 0)
+
+
+def _cuda_rows(t, C: int):
+    """Unit stride along C; rows wider than the kernel's unpacked limit also in 16-byte packs
+    (a copy of a misaligned view: the unpacked kernel would spill there)."""
+    t = _unit(t)
+    if t is not None and C > CUDA_UNPACKED_MAX_C and not _packed(t):
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
 def _cuda_forward(x, weight, bias, eps, residual, residual_scale):
-    return tuple(_ext.get().layer_norm_forward(_unit(x), _f32(weight), _f32(bias), eps,
-                                               _unit(residual), _f32(residual_scale)))
+    C = x.shape[-1]
+    return tuple(_ext.get().layer_norm_forward(_cuda_rows(x, C), _f32(weight), _f32(bias), eps,
+                                               _cuda_rows(residual, C), _f32(residual_scale)))
 
 
 def _cuda_backward(grad_y, grad_s, x, branch, weight, bias, residual_scale, mean, rstd):
@@ -65,12 +82,24 @@ def _cuda_backward(grad_y, grad_s, x, branch, weight, bias, residual_scale, mean
     return ds, dx, dw, db, dg
 
 
-# csrc/layer_norm/layer_norm.cu kMaxRow, kBwdMaxRow: wider backward rows go to Triton's
-# chunked kernel (the CUDA one keeps the row in registers and would spill)
-CUDA_MAX_C, CUDA_BWD_MAX_C = 8192, 4096
+# csrc/layer_norm/layer_norm.cu kMaxRow, kBwdMaxRow, kUnalignedMaxRow: wider backward rows go
+# to Triton's chunked kernel (the CUDA one keeps the row in registers and would spill), and so do
+# forward rows wider than 4096 whose C is not a multiple of a 16-byte pack
+CUDA_MAX_C, CUDA_BWD_MAX_C, CUDA_UNPACKED_MAX_C = 8192, 4096, 4096
+
+
+def _cuda_forward_check(inputs) -> list[str]:
+    reasons = _row_limit(CUDA_MAX_C, "CUDA")(inputs)
+    C, full = inputs.x.shape[-1], 16 // inputs.x.element_size()
+    if not reasons and C > CUDA_UNPACKED_MAX_C and C % full:
+        reasons.append(f"C={C} is not a multiple of {full} (16-byte packs): the CUDA kernel's "
+                       f"row limit is {CUDA_UNPACKED_MAX_C} then")
+    return reasons
+
+
 _dispatch.register(OP, "cuda", forward=_cuda_forward, backward=_cuda_backward, dtypes=GPU_FLOATS,
                    runtime=cuda_extension("layer_norm_forward"),
-                   forward_check=_row_limit(CUDA_MAX_C, "CUDA"),
+                   forward_check=_cuda_forward_check,
                    backward_check=_row_limit(CUDA_BWD_MAX_C, "CUDA backward"))
 
 _CPU = "xray_ops.cpu.layer_norm"

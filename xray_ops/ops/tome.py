@@ -59,8 +59,7 @@ class ToMeMatch(NamedTuple):
 # public functions
 # ----------------------------------------------------------------------------------------------
 def _check_r(r) -> int:
-    _validate.integer(r, "r")
-    return r
+    return _validate.integer(r, "r")  # anything operator.index takes (numpy ints too)
 
 
 def _check_metric(metric, name="metric") -> None:
@@ -79,7 +78,9 @@ def tome_match(metric: torch.Tensor, r: int, *, class_token: bool = True,
         r: tokens to remove; clamped to (N - protected) // 2, protected = class_token +
             distill_token; r <= 0 (negative too) gives the identity matching.
         class_token: token 0 is a CLS token: never merged, stays first.
-        distill_token: token 1 is a distillation token: nothing merges into it, stays second.
+        distill_token: token 1 is a distillation token, second in the output. Nothing merges
+            into it, except where it is the only B token (N == 3 without class_token: every
+            score is then -inf, and ToMe merges into it too).
 
     Returns:
         :class:`ToMeMatch` (int64 tensors on metric's device). No gradient.
@@ -121,7 +122,9 @@ def tome_merge(x: torch.Tensor, metric: torch.Tensor, r: int, *,
             distill_token). r <= 0, negative included, returns x unchanged.
         size: (B, N, 1), x's dtype, how many original tokens each token stands for; None = ones.
         class_token: token 0 is CLS: never merged, first in the output.
-        distill_token: token 1 is a distillation token: nothing merges into it; second.
+        distill_token: token 1 is a distillation token, second in the output. Nothing merges
+            into it, except where it is the only B token (N == 3 without class_token), as
+            in ToMe.
         return_match: also return the :class:`ToMeMatch` (for tome_unmerge / source tracking).
 
     Returns:
@@ -268,19 +271,22 @@ class ToMeConfig:
 
     def __post_init__(self):
         r = self.r
+        # ints: anything operator.index takes (numpy integers too), stored as Python ints
         if isinstance(r, list):
-            for i, v in enumerate(r):
-                _validate.integer(v, f"r[{i}]")
-            object.__setattr__(self, "r", list(r))
+            object.__setattr__(self, "r", [_validate.integer(v, f"r[{i}]")
+                                           for i, v in enumerate(r)])
         elif isinstance(r, tuple):
             if len(r) != 2:
                 raise ValueError(f"r: expected an (r, inflection) pair, got {r!r}")
-            _validate.integer(r[0], "r[0]")
-            _validate.number(r[1], "r[1] (inflection)", lo=-1.0, hi=1.0)
+            object.__setattr__(self, "r", (_validate.integer(r[0], "r[0]"),
+                                           _validate.number(r[1], "r[1] (inflection)",
+                                                            lo=-1.0, hi=1.0)))
         else:
-            if isinstance(r, bool) or not isinstance(r, int):
+            try:
+                object.__setattr__(self, "r", _validate.integer(r, "r"))
+            except TypeError:
                 raise TypeError(f"r: expected an int, an (r, inflection) tuple or a list of "
-                                f"ints, got {type(r).__name__} ({r!r})")
+                                f"ints, got {type(r).__name__} ({r!r})") from None
         _validate.boolean(self.prop_attn, "prop_attn")
         _validate.boolean(self.trace_source, "trace_source")
 
@@ -293,7 +299,7 @@ class ToMeConfig:
         num_layers; entries past num_layers are dropped (ToMe keeps them; no layer reads them).
         Values <= 0 mean no merge in that layer.
         """
-        _validate.integer(num_layers, "num_layers", lo=1)
+        num_layers = _validate.integer(num_layers, "num_layers", lo=1)
         r, inflect = self.r, 0.0
         if isinstance(r, list):
             return (list(r) + [0] * num_layers)[:num_layers]

@@ -11,19 +11,27 @@ from __future__ import annotations
 import torch
 
 
+def appends_fused_token(n_tokens: int, keep: int, fuse: bool) -> bool:
+    """Whether x_out ends with a fused token: only with fuse and something to fuse
+    (keep < N-1). With keep == N-1 nothing is dropped, and EViT appends nothing."""
+    return bool(fuse) and keep < n_tokens - 1
+
+
 def evit_rank_order(cls_attn: torch.Tensor) -> torch.Tensor:
     """(B, N-1) -> (B, N-1) int64: patch indices sorted by descending cls_attn, stable."""
     return torch.sort(cls_attn, dim=1, descending=True, stable=True).indices
 
 
 def evit_select(x: torch.Tensor, cls_attn: torch.Tensor, keep: int, fuse: bool = True):
-    """x (B, N, C), cls_attn (B, N-1) -> x_out (B, 1 + keep + fuse, C), keep_idx (B, keep).
+    """x (B, N, C), cls_attn (B, N-1) -> x_out (B, 1 + keep + fused, C), keep_idx (B, keep).
 
     x_out = [x[:, :1], the kept patch tokens in keep_idx order, fused token], where
-    fused = sum over dropped patch tokens j of cls_attn[:, j] * x[:, 1 + j] (not renormalised).
+    fused = sum over dropped patch tokens j of cls_attn[:, j] * x[:, 1 + j] (not renormalised),
+    present only when fuse and keep < N-1 (:func:`appends_fused_token`).
     Differentiable (through PyTorch autograd) in x and cls_attn.
     """
     B, N, C = x.shape
+    fuse = appends_fused_token(N, keep, fuse)
     order = evit_rank_order(cls_attn)
     keep_idx = order[:, :keep].contiguous()
     patches = x[:, 1:]
@@ -46,6 +54,7 @@ def evit_select_backward(grad_out: torch.Tensor, x: torch.Tensor, cls_attn: torc
     0 for kept j (the selection itself carries no gradient).
     """
     B, N, C = x.shape
+    fuse = appends_fused_token(N, keep, fuse)
     order = evit_rank_order(cls_attn)
     keep_idx = order[:, :keep]
     grad_x = torch.zeros_like(x)
@@ -53,7 +62,7 @@ def evit_select_backward(grad_out: torch.Tensor, x: torch.Tensor, cls_attn: torc
     grad_x[:, 0] = grad_out[:, 0]
     grad_patches = grad_x[:, 1:]
     grad_patches.scatter_(1, keep_idx.unsqueeze(-1).expand(B, keep, C), grad_out[:, 1:1 + keep])
-    if fuse and keep < N - 1:
+    if fuse:
         drop_idx = order[:, keep:]
         g_fused = grad_out[:, 1 + keep]  # (B, C)
         w = torch.gather(cls_attn, 1, drop_idx)  # (B, D)

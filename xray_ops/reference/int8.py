@@ -12,6 +12,8 @@ Per-token (per-row) symmetric quantization, :func:`quantize_per_token`:
   Non-finite rows are not hidden: a row holding NaN gets scale NaN, a row holding ±Inf gets
   scale +Inf; their q is 0 wherever x / scale is NaN (so a later int8_matmul turns the row's
   output into NaN / Inf rather than a plausible number).
+  A finite row whose absmax / 127 exceeds float32 (float64 input only, e.g. a row of 1e300)
+  has no float32 scale: ValueError rather than an Inf scale that dequantizes to NaN.
   The kernels compute x / scale as an IEEE float32 division (correctly rounded), so they may
   differ from this definition by 1 LSB, and only where that float32 quotient is exactly an
   integer + 0.5 while the exact one is not (the float32 rounding of the quotient created the tie
@@ -34,10 +36,30 @@ from .bias_gelu import gelu
 QMAX = 127
 
 
-def quantize_per_token(x: torch.Tensor):
-    """x (..., K) float -> (q (..., K) int8, scale (..., 1) float32). See the module docstring."""
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def check_scale_fits_float32(absmax: torch.Tensor, name: str) -> None:
+    """ValueError if a finite row's absmax / 127 exceeds float32 (only float64 input can): its
+    float32 scale would be Inf, its x_q zeros, and its dequantized value NaN."""
+    big = torch.isfinite(absmax) & (absmax / QMAX > FLOAT32_MAX)
+    if bool(big.any()):
+        worst = float(absmax[big].max())
+        raise ValueError(
+            f"{name}: expected finite rows with max |value| <= 127 * {FLOAT32_MAX:.4g} (the "
+            f"per-token scale is float32), got a row with max |value| {worst:.4g}; "
+            f"scale it down first")
+
+
+def quantize_per_token(x: torch.Tensor, name: str = "x"):
+    """x (..., K) float -> (q (..., K) int8, scale (..., 1) float32). See the module docstring.
+
+    ValueError (naming ``name``) for a finite float64 row too large for a float32 scale.
+    """
     x64 = x.detach().to(torch.float64)
     absmax = x64.abs().amax(dim=-1, keepdim=True)  # NaN propagates; +Inf for a row with ±Inf
+    if x.dtype == torch.float64:  # narrower floats cannot overflow a float32 scale
+        check_scale_fits_float32(absmax, name)
     # float64 division then one rounding to float32 == the correctly rounded float32 quotient
     # (double rounding is innocuous for a float32 division: 53 >= 2·24 + 2)
     scale = (absmax / QMAX).to(torch.float32)
@@ -70,7 +92,7 @@ def layernorm_quant(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
     kernels compute it in float32, so values within float32 rounding of a .5 tie may land 1 LSB
     apart (see tests/test_int8_ops.py).
     """
-    return quantize_per_token(layer_norm64(x, weight, bias, eps))
+    return quantize_per_token(layer_norm64(x, weight, bias, eps), "LayerNorm(x)")
 
 
 def int8_accumulate(a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
@@ -114,7 +136,7 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
 
 def quantize_weight(weight: torch.Tensor):
     """(N, K) float -> (w_q (N, K) int8, w_scale (N,) float32): per-output-channel symmetric."""
-    w_q, w_scale = quantize_per_token(weight)
+    w_q, w_scale = quantize_per_token(weight, "weight")
     return w_q, w_scale.reshape(-1)
 
 

@@ -75,9 +75,9 @@ def layer_norm_backward(grad_y, grad_s, x, branch, weight, bias, residual_scale,
     given only with residual_scale (its gradient needs it); weight, bias, residual_scale (C,)
     or None (bias only for its dtype); mean, rstd (M,) from the forward.
 
-    Returns (fresh tensors, none aliasing another) (ds_total (M, C) in s.dtype, dx (M, C) = ds_total ⊙ residual_scale or empty,
-    d_weight (C,) or empty, d_bias (C,) or empty, d_residual_scale (C,) or empty); parameter
-    gradients in the parameter's dtype.
+    Returns fresh tensors, none aliasing another: (ds_total (M, C) in x's dtype,
+    dx (M, C) = ds_total ⊙ residual_scale or empty, d_weight (C,) or empty, d_bias (C,) or
+    empty, d_residual_scale (C,) or empty); parameter gradients in the parameter's dtype.
     """
     s = x
     ct = compute_dtype(s.dtype)

@@ -15,9 +15,13 @@ gives the same tokens in the same order:
 
 Precision of the matching: scores are computed in float32 for float16 / bfloat16 / float32
 metrics and in float64 for float64 metrics (ToMe computes them in the metric's dtype, which in
-half precision ties many scores). The kernels compute the cosine as (a·b) / (‖a‖‖b‖), equal to
-ToMe's normalise-then-dot in exact arithmetic; backends agree exactly on exact ties (identical
-tokens) and whenever scores differ by more than float32 rounding.
+half precision ties many scores). Every backend normalises first, as ToMe does, but safely
+(:func:`tome_normalize`): each token is first scaled by a power of two that brings its largest
+|value| into [1, 2) (exact), so the squares in its norm neither underflow nor overflow. ToMe's
+own ``metric / metric.norm()`` turns a finite float32 metric of magnitude ~1e-25 into 0/0 and
+one of ~1e20 into x/inf; the cosine does not depend on the scale, and here it does not either.
+Backends agree exactly on exact ties (identical tokens) and whenever scores differ by more than
+float32 rounding, at any finite magnitude.
 
 The matching is also given in a form the kernels use (:func:`tome_match`): ``dest`` (the output
 slot of every input token) and its CSR grouping ``slot_src`` / ``slot_start`` (the input
@@ -43,11 +47,33 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def exponent_range(dtype: torch.dtype) -> tuple[int, int]:
+    """Exponents k for which 2**k is a normal number of ``dtype`` (float32 or float64)."""
+    return (-1022, 1023) if dtype == torch.float64 else (-126, 127)
+
+
+def power_of_two_scale(m: torch.Tensor) -> torch.Tensor:
+    """(..., D) float32 / float64 -> (..., 1): 2**k bringing each row's largest |value| into
+    [1, 2), k clamped to the normal exponents (an exact multiplier). Rows of zeros, Inf or NaN
+    get some power of two: their normalised values are 0/0, x/Inf or NaN whatever it is."""
+    amax = m.abs().amax(dim=-1, keepdim=True)
+    lo, hi = exponent_range(m.dtype)
+    k = (1 - torch.frexp(amax).exponent).clamp(lo, hi)  # amax = mantissa·2**e, mantissa in [.5, 1)
+    return torch.ldexp(torch.ones_like(amax), k)
+
+
+def tome_normalize(metric: torch.Tensor) -> torch.Tensor:
+    """(B, N, Cm) -> (B, N, Cm) unit rows in the compute dtype: m·2**k / ‖m·2**k‖ (ToMe's
+    ``metric / metric.norm()``, without its underflow / overflow at extreme magnitudes)."""
+    m = metric.to(compute_dtype(metric.dtype))
+    m = m * power_of_two_scale(m)
+    return m / m.norm(dim=-1, keepdim=True)
+
+
 def tome_scores(metric: torch.Tensor, class_token: bool, distill_token: bool) -> torch.Tensor:
     """(B, N, Cm) -> (B, Na, Nb) cosine scores of A tokens (even positions) against B tokens
     (odd positions); row 0 is -inf with class_token, column 0 is -inf with distill_token."""
-    m = metric.to(compute_dtype(metric.dtype))
-    m = m / m.norm(dim=-1, keepdim=True)
+    m = tome_normalize(metric)
     scores = m[:, ::2] @ m[:, 1::2].transpose(1, 2)
     if class_token:
         scores[:, 0, :] = -math.inf
