@@ -344,6 +344,11 @@ def run(out: str = "runs/demo", device: str = "auto", quick: bool = False) -> di
     t = time.perf_counter()
     tr = train(cfg, sources=sources)
     t_train = time.perf_counter() - t
+    sig = tr.get("interrupted", 0)
+    if sig:  # SIGTERM / SIGINT: train() left a checkpoint; evaluating a half-trained model is not
+        # what was asked for. Exit as the train CLI does (128 + signal).
+        log(f"interrupted by signal {sig} during training (checkpoints in {out}); stopping")
+        raise SystemExit(128 + sig if sig > 0 else 1)
     cpu["setup+train"] = cpu_time() - c0
 
     log("evaluating (float, int8, ToMe, EViT, int8 / PCA retrieval, robustness)")

@@ -6,6 +6,7 @@ import json
 import math
 import os
 
+import pytest
 import torch
 
 from reference_model import demo
@@ -42,3 +43,19 @@ def test_quick_demo_writes_summary_with_every_key(tmp_path, monkeypatch):
     assert all(v > 0 for v in s["speed"]["infer_samples_per_s"].values())
     for p in ("mae_loss.png", "hashtag_throughput.png", "clip_loss.png", "speed.png"):
         assert os.path.getsize(tmp_path / p) > 1000
+
+
+def test_interrupted_training_stops_the_demo(tmp_path, monkeypatch):
+    """SIGTERM during training: train() returns with a checkpoint and the signal; the demo exits
+    with 128 + signal instead of evaluating a half-trained model."""
+    import reference_model.eval as ev
+    import reference_model.train as tr
+
+    monkeypatch.setattr(demo, "ensure_data_packages", lambda: ({"openclipart": False,
+                                                                "fashion-mnist": False}, []))
+    monkeypatch.setattr(tr, "train", lambda cfg, sources=None: {"interrupted": 15, "stages": {}})
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: pytest.fail("evaluated after SIGTERM"))
+    with pytest.raises(SystemExit) as e:
+        demo.run(str(tmp_path), device="cpu", quick=True)
+    assert e.value.code == 128 + 15
+    assert not (tmp_path / "summary.json").exists()
