@@ -224,7 +224,7 @@ def main(argv=None) -> int:
         rates = [r["samples_per_s"] for r in mine if r["samples_per_s"]]
         ratios = [r["vs_torch"] for r in mine if r["vs_torch"] != ""]
         notes = sorted({r["note"] for r in mine if r["note"]})
-        print(f"{what:6s} {mode:15s} {statistics.median(rates) if rates else '':>10} "
+        print(f"{what:6s} {mode:15s} {round(statistics.median(rates), 2) if rates else '':>10} "
               f"{round(statistics.median(ratios), 3) if ratios else '':>15} {'; '.join(notes)}")
     return 0
 
