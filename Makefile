@@ -28,10 +28,13 @@ test: build
 	$(PY) -m xray_ops info
 	$(PY) -m pytest -q -n $(JOBS) --durations=15
 
-# The main job. Until the reference model lands: install, report, benchmark EViT.
+# The main job: train the tiny reference model MAE -> hashtag -> CLIP with the fast ops, evaluate
+# it (float / int8 / ToMe / EViT), measure ops=xray against ops=torch, write runs/demo/summary.json.
+# Installs the Debian data packages when it can (root + apt-get), else uses synthetic data.
+# No csrc/ build: the CPU runs numba / PyTorch kernels, a GPU the Triton ones.
+DEMO_ARGS ?=
 demo: install
-	$(PY) -m xray_ops info
-	$(PY) -m bench evit_select --quick
+	$(PY) -m reference_model.demo --out runs/demo $(DEMO_ARGS)
 
 info: install
 	$(PY) -m xray_ops info

@@ -6,12 +6,14 @@
 # Installs the project without downloading anything, builds csrc/ for sm_90a with all cores,
 # runs `pytest -m gpu` per op (PYTEST_BUDGET s each), then `python -m bench <op> --quick` for
 # each timed op (BENCH_BUDGET s each), then the end-to-end goals (`python -m bench e2e --quick`:
-# ViT-L patched vs timm eager bf16, E2E_BUDGET s), and leaves in OUT_DIR (at most 8 files, for the
-# device tool): summary.txt, bench.csv, e2e.csv, pytest_gpu.log, build.log, info.txt and
-# plots.tar.gz (PNGs + the bench logs). Prints a short table and the e2e goals last.
-# Budget: 17.6 minutes at most (180 + 10 x 35 + 9 x 45 + 120 = 1055 s), of which the training
-# kernels (layer_norm, bias_gelu, lion, contrastive) take 4 x 35 + 5 x 45 s; where the device
-# time is shorter, lower PYTEST_BUDGET / BENCH_BUDGET (25 / 35: 865 s).
+# ViT-L patched vs timm eager bf16, E2E_BUDGET s), then a short l16 training / inference run of
+# the reference model (TRAIN_BUDGET s), and leaves in OUT_DIR (at most 8 files, for the device
+# tool): summary.txt, bench.csv, e2e.csv, train_bench.csv, pytest_gpu.log, build.log, info.txt
+# and plots.tar.gz (PNGs + the bench logs, removed once tarred). Prints a short table, the e2e
+# goals and the reference-model rows last.
+# Budget: 18.6 minutes at most (180 + 10 x 35 + 9 x 45 + 120 + 60 = 1115 s), of which the
+# training kernels (layer_norm, bias_gelu, lion, contrastive) take 4 x 35 + 5 x 45 s; where the
+# device time is shorter, lower PYTEST_BUDGET / BENCH_BUDGET (25 / 35: 925 s).
 # Not yet run on a GPU: the budgets are estimates.
 set -uo pipefail
 OUT=$(mkdir -p "${1:-./device-out}" && cd "${1:-./device-out}" && pwd)
@@ -64,6 +66,14 @@ stamp "bench e2e --quick"
 timeout -s INT ${E2E_BUDGET:-120} $PY -m bench e2e --quick --csv "$OUT/e2e.csv" \
   > "$OUT/e2e.log" 2>&1
 stamp "bench e2e exit $?"
+# the reference model (issue 10): a short l16 training run in bf16 (ops=xray vs ops=torch eager,
+# then torch.compile of each) and l16 inference (float eager vs ToMe r=8, int8, both); rows are
+# appended as each mode finishes, the compile modes run last and are skipped past --budget
+stamp "train bench l16 bf16"
+TB=${TRAIN_BUDGET:-60}
+timeout -s INT $TB $PY -m reference_model.train.bench --config l16 --device cuda --batch 64 \
+  --steps 5 --budget $(( TB - 20 )) --csv "$OUT/train_bench.csv" >> "$OUT/bench.log" 2>&1
+stamp "train bench exit $?"
 $PY -m bench plot --csv "$OUT/bench.csv" --out "$OUT/plots" > /dev/null 2>&1
 [ -f "$OUT/e2e.csv" ] && $PY -m bench e2e_report --csv "$OUT/e2e.csv" --out "$OUT/plots" \
   > /dev/null 2>&1
@@ -75,5 +85,10 @@ tar -czf "$OUT/plots.tar.gz" -C "$OUT" plots bench.log e2e.log 2>/dev/null && rm
   echo; echo "== bench (speedup vs eager) =="
   [ -f "$OUT/bench.csv" ] && $PY -m bench summary --csv "$OUT/bench.csv" | tail -80
   echo; echo "== e2e (whole models) =="; sed -n '/^model /,$p' "$OUT/e2e.log" | tail -25
+  echo; echo "== reference model l16 (samples/s, vs torch eager) =="
+  [ -f "$OUT/train_bench.csv" ] && $PY -c "import csv,sys
+for r in csv.DictReader(open(sys.argv[1])): print(r['what'], r['mode'], r['samples_per_s'], r['vs_torch'], r['note'])" "$OUT/train_bench.csv"
 } | tee -a "$OUT/summary.txt"
+# both logs are inside plots.tar.gz: the device tool brings back at most 8 files
+rm -f "$OUT/bench.log" "$OUT/e2e.log"
 stamp "done"

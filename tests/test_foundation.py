@@ -200,6 +200,8 @@ def test_build_contract_environment():
 def test_every_op_refuses_bfloat16_under_the_triton_interpreter():
     # its bfloat16 stores truncate instead of rounding (and its bfloat16 tl.dot is wrong):
     # every op's triton backend refuses bfloat16 there, whichever argument carries it
+    from xray_ops.ops.lion import lion_step
+
     bf = torch.bfloat16
     x, a = torch.randn(2, 9, 16), torch.rand(2, 8)
     q8, w8 = torch.ones(4, 16, dtype=torch.int8), torch.ones(3, 16, dtype=torch.int8)
@@ -221,6 +223,11 @@ def test_every_op_refuses_bfloat16_under_the_triton_interpreter():
         "flash_attention_varlen": lambda: xo.flash_attention_varlen(
             qkv[0].transpose(0, 1).to(bf), qkv[0].transpose(0, 1).to(bf),
             qkv[0].transpose(0, 1).to(bf), cu, cu, 8, 8),
+        "layer_norm": lambda: xo.layer_norm(x.to(bf), None, None),
+        "bias_gelu": lambda: xo.bias_gelu(x.to(bf), None),
+        "contrastive_loss": lambda: xo.contrastive_loss(a.to(bf), a.to(bf), 1.0),
+        "lion": lambda: lion_step([a.to(bf)], [a.to(bf)], [a.to(bf)], 1e-4, 0.9,
+                                      0.99, 0.0),
     }
     for name, call in calls.items():
         with pytest.raises(xo.BackendError, match="bfloat16 under the Triton interpreter"):

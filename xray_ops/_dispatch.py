@@ -171,9 +171,11 @@ INTERPRETER_BF16_REASON = (
 
 
 def _has_bfloat16(inputs) -> bool:
-    """Any tensor input, or a dtype input (an output dtype), in bfloat16."""
-    return any((isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16)
-               or a is torch.bfloat16 for a in inputs)
+    """Any tensor input (or tensor list with a dtype, as Lion's TensorList), or a dtype input
+    (an output dtype), in bfloat16."""
+    # torch dtypes are singletons: `is` (a numpy dtype would not compare with ==)
+    return any(a is torch.bfloat16 or getattr(a, "dtype", None) is torch.bfloat16
+               for a in inputs)
 
 
 def _triton_reasons(device, auto, inputs):

@@ -48,7 +48,9 @@ def _bwd_rows(gy, x, b, gx, gb, tanh, lo, hi, chunk):
 def _bias(bias, C: int) -> np.ndarray:
     if bias is None:
         return np.zeros(C, dtype=np.float32)
-    return bias.detach().to(torch.float32).contiguous().numpy()
+    # a copy, not a view: Tensor.numpy() marks a parameter's storage non-resizable for good,
+    # which FSDP2's resharding (a resize to 0) then fails on
+    return bias.detach().to(torch.float32, copy=True).contiguous().numpy()
 
 
 def bias_gelu_forward(x: torch.Tensor, bias: torch.Tensor | None, approximate: str):

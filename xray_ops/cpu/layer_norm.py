@@ -99,7 +99,9 @@ def _bwd_rows(gy, gs, s, branch, g, w, mean, rstd, has_gs, has_g, ds, dx, dw, db
 def _vec(t, C: int, fill: float) -> np.ndarray:
     if t is None:
         return np.full(C, fill, dtype=np.float32)
-    return t.detach().to(torch.float32).contiguous().numpy()
+    # a copy (C floats), never a view: Tensor.numpy() marks the storage non-resizable for good,
+    # and FSDP2 frees an unsharded parameter by resizing its storage to 0 after each forward
+    return t.detach().to(torch.float32, copy=True).contiguous().numpy()
 
 
 def _np(t: torch.Tensor | None, like: torch.Tensor) -> np.ndarray:
