@@ -155,26 +155,31 @@ def test_never_makes_the_score_matrix():
     assert 0 < rec.largest < limit
 
 
-def test_the_slab_pass_only_when_needed(monkeypatch):
+def test_one_backward_pass_the_slab_pass_only_when_needed(monkeypatch):
     """The backward's own pass over P runs only for a key_bias gradient or a gradient through
-    lse; returned but unused outputs (lse here) bring no gradient, hence no work."""
+    lse, and then instead of the kernel's backward (never both: each recomputes P); returned
+    but unused outputs (lse here) bring no gradient, hence no work."""
     calls = []
-    slab_pass = cpu_attn._slab_pass
-    monkeypatch.setattr(cpu_attn, "_slab_pass",
-                        lambda *a, **k: calls.append(a[5] is not None) or slab_pass(*a, **k))
+    slab, kernel = cpu_attn._slab_backward, cpu_attn._BWD
+    monkeypatch.setattr(cpu_attn, "_slab_backward",
+                        lambda *a, **k: calls.append(("slab", a[5] is not None)) or slab(*a, **k))
+    monkeypatch.setattr(cpu_attn, "_BWD",
+                        lambda *a, **k: calls.append(("kernel", None)) or kernel(*a, **k))
     q, k, v, kb = _inputs(1, 2, 7, 7, 16, torch.float32)
     leaves = [t.requires_grad_() for t in (q, k, v)]
     with xo.backend("cpu"):
         out, cls, lse = xo.flash_attention(*leaves, key_bias=kb, return_cls_attn=True,
                                            return_lse=True)
         (out.sum() + cls.sum()).backward()
-        assert calls == []  # key_bias needs no gradient, lse unused: the kernel's backward only
+        # key_bias needs no gradient, lse unused: the kernel's backward only
+        assert calls == [("kernel", None)]
         out, lse = xo.flash_attention(*leaves, key_bias=kb.requires_grad_(), return_lse=True)
         out.sum().backward()
-        assert calls == [False] and kb.grad is not None  # dkey_bias, no lse gradient
+        # dkey_bias, no lse gradient: the slab pass alone
+        assert calls[1:] == [("slab", False)] and kb.grad is not None
         out, lse = xo.flash_attention(*leaves, return_lse=True)
         (out.sum() + lse.sum()).backward()
-        assert calls == [False, True]
+        assert calls[2:] == [("slab", True)]
 
 
 def test_float64_is_left_to_the_reference():

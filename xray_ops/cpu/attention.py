@@ -15,13 +15,14 @@ it does not give is built around it without an (Nq, Nk) matrix either:
   contract says lse -inf, so those rows are found from key_bias and set.
 - Backward: the gradients are linear in what arrives at the three outputs, so each part is
   added on its own.
-  * dout: the kernel's backward as is (dq, dk, dv).
+  * dout alone: the kernel's backward as is (dq, dk, dv).
   * dcls (the CLS row, row 0 of every head, takes dcls / H): a rank-one correction,
     dS₀ = P₀ ⊙ (g − ⟨P₀, g⟩) with g = dcls / H, added to dq₀, dk and dkey_bias —
     O(B·H·Nk·D), never the matrix.
-  * dkey_bias (the sums of dS over the heads and queries) and dlse (dS += P ⊙ dlse, only
-    with a gradient through lse): one pass over P a slab of queries at a time
-    (:func:`_slab_pass`), beside the kernel's backward.
+  * dkey_bias (the sums of dS over the heads and queries) or dlse (dS += P ⊙ dlse, only
+    with a gradient through lse): the whole backward in one pass over P, a slab of queries at
+    a time (:func:`_slab_backward`), instead of the kernel's backward (beside it, a second
+    pass that recomputed P for dkey_bias made the backward 2× eager's).
 
 The kernel's backward computes δ from dout and out (FlashAttention-2); the tests against the
 float64 reference hold every gradient to it. fp16 / bf16 / fp32 (float64 is the reference's:
@@ -124,41 +125,40 @@ def _bh(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).reshape(B * H, N, X)
 
 
-def _slab_pass(q, k, v, key_bias, dout, dlse, scale: float, causal: bool, want_db: bool,
-               block: int = _BLOCK):
-    """What the kernel's backward does not give, in one pass over P, a slab of ``block``
-    queries per head at a time (never the (Nq, Nk) matrix):
+def _slab_backward(q, k, v, key_bias, dout, dlse, scale: float, causal: bool,
+                   block: int = _BLOCK):
+    """The whole backward in one pass over P, a slab of ``block`` queries per head at a time
+    (never the (Nq, Nk) matrix), for when the kernel's backward is not enough: key_bias wants
+    its gradient, or lse carries one. Per slab (it holds whole rows):
 
-    - dkey_bias per head (B, H, Nk) = Σᵢ dSᵢⱼ = Σᵢ Pᵢⱼ (dPᵢⱼ − δᵢ + dlseᵢ), with
-      dP = dout vᵀ and δᵢ = Σⱼ Pᵢⱼ dPᵢⱼ from the slab itself (a slab holds whole rows; more
-      exact than doutᵢ · outᵢ): two matmuls and one softmax per slab. (The identity
-      Σᵢ Pᵢⱼ dPᵢⱼ = vⱼ · dvⱼ would spare a matmul, but the difference of two large sums
-      loses several digits: measured beyond the error budget in float32.)
-    - dlse's share of dq and dk: dSᵢⱼ += Pᵢⱼ dlseᵢ, so dqᵢ += scale · dlseᵢ Σⱼ Pᵢⱼ kⱼ and
-      dkⱼ += scale · Σᵢ Pᵢⱼ dlseᵢ qᵢ (two more matmuls per slab; only with a gradient
-      through lse).
+        P = softmax(scale · q kᵀ + bias),  dP = dout vᵀ,  δᵢ = Σⱼ Pᵢⱼ dPᵢⱼ
+        dS = P ⊙ (dP − δ + dlse)            (dlse: lse's gradient, 0 without one)
+        dq = scale · dS k,  dk += scale · dSᵀ q,  dv += Pᵀ dout,  dkey_bias += Σᵢ dS
 
-    Returns (dkey_bias per head or None, dq extra or None, dk extra or None), in float32
-    (float64 for float64).
+    Five matmuls and one softmax per slab: what the kernel's backward does, once. (Beside the
+    kernel's backward, a pass for dkey_bias alone recomputed P and dP a second time: the
+    backward took 2× eager's.) δ comes from the slab's own P and dP, not dout · out: exact
+    where the kernel's float32 lse is not. (The identity Σᵢ Pᵢⱼ dPᵢⱼ = vⱼ · dvⱼ would spare
+    a matmul, but the difference of two large sums loses digits: beyond the error budget in
+    float32.)
+
+    Returns (dq, dk, dv, dkey_bias per head (B, H, Nk)) in float32 (float64 for float64).
     """
     acc = _acc(q.dtype)
-    B, H, Nq, _ = q.shape
+    B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    q3, k3 = _bh(q, acc), _bh(k, acc)
-    k3t = k3.transpose(1, 2)  # (B·H, D, Nk): bmm takes the transposed view as is
+    q3, k3, v3, dout3 = _bh(q, acc), _bh(k, acc), _bh(v, acc), _bh(dout, acc)
+    k3t, v3t = k3.transpose(1, 2), v3.transpose(1, 2)  # bmm takes the transposed views as is
     bias3 = key_bias.to(acc)[:, None, None, :].expand(B, H, 1, Nk).reshape(B * H, 1, Nk) \
         if key_bias is not None else None
     # torch.softmax gives NaN on a row of -inf: the safe one where key_bias masks whole rows
     softmax = _softmax_ if _dead_rows(key_bias, Nq, causal) is not None \
         else (lambda t: torch.softmax(t, -1))
-    db3 = dout3 = v3t = dq3 = dk3 = dlse3 = None
-    if want_db:
-        db3 = q3.new_zeros(B * H, Nk)
-        dout3, v3t = _bh(dout, acc), _bh(v, acc).transpose(1, 2)
-    if dlse is not None:
-        dlse3 = dlse.to(acc).reshape(B * H, Nq, 1)
-        dq3 = q3.new_zeros(B * H, Nq, q.shape[3])
-        dk3 = q3.new_zeros(B * H, Nk, q.shape[3])
+    dlse3 = dlse.to(acc).reshape(B * H, Nq, 1) if dlse is not None else None
+    dq3 = q3.new_empty(B * H, Nq, D)
+    dk3 = q3.new_zeros(B * H, Nk, D)
+    dv3 = q3.new_zeros(B * H, Nk, v.shape[3])
+    db3 = q3.new_zeros(B * H, Nk)
     keys = torch.arange(Nk, device=q.device)
     for i0 in range(0, Nq, block):
         i1 = min(Nq, i0 + block)
@@ -170,19 +170,19 @@ def _slab_pass(q, k, v, key_bias, dout, dlse, scale: float, causal: bool, want_d
         if causal:
             s.masked_fill_(keys[None, :n] > torch.arange(i0, i1, device=q.device)[:, None],
                            _NEG_INF)
-        p = softmax(s)  # Pᵢⱼ of the slab (it holds whole rows)
-        if dlse is not None:
-            pl = p * dlse3[:, i0:i1]
-            dq3[:, i0:i1] = torch.bmm(pl, k3[:, :n]).mul_(scale)
-            dk3[:, :n].baddbmm_(pl.transpose(1, 2), q_s)
-        if want_db:
-            dp = torch.bmm(dout3[:, i0:i1], v3t[..., :n])
-            w = (p * dp).sum(-1, keepdim=True)  # δᵢ
-            if dlse is not None:
-                w -= dlse3[:, i0:i1]
-            db3[:, :n] += dp.sub_(w).mul_(p).sum(1)
-    as4 = lambda t: None if t is None else t.view(B, H, *t.shape[1:])  # noqa: E731
-    return as4(db3), as4(dq3), as4(dk3)
+        p = softmax(s)  # Pᵢⱼ of the slab
+        do_s = dout3[:, i0:i1]
+        dv3[:, :n].baddbmm_(p.transpose(1, 2), do_s)
+        dp = torch.bmm(do_s, v3t[..., :n])
+        w = (p * dp).sum(-1, keepdim=True)  # δᵢ
+        if dlse3 is not None:
+            w -= dlse3[:, i0:i1]
+        ds = dp.sub_(w).mul_(p)  # dSᵢⱼ, in dp's storage
+        db3[:, :n] += ds.sum(1)
+        torch.bmm(ds, k3[:, :n], out=dq3[:, i0:i1]).mul_(scale)
+        dk3[:, :n].baddbmm_(ds.transpose(1, 2), q_s)
+    as4 = lambda t: t.view(B, H, *t.shape[1:])  # noqa: E731
+    return as4(dq3), as4(dk3), as4(dv3), as4(db3)
 
 
 def flash_attention_backward(dout, dcls, dlse, q, k, v, key_bias, key_bias_grad: bool, out, lse,
@@ -192,16 +192,14 @@ def flash_attention_backward(dout, dcls, dlse, q, k, v, key_bias, key_bias_grad:
     H = q.shape[1]
     acc = _acc(q.dtype)
     want_db = key_bias is not None and key_bias_grad
-    # the kernel's own convention for fully masked rows (P = exp(-inf - 0) = 0)
-    lse_k = lse.masked_fill(lse == _NEG_INF, 0.0)
-    gq, gk, gv = _BWD(dout, q, k, v, out, lse_k, 0.0, causal,
-                      attn_mask=_mask(key_bias, q.dtype, k.shape[2]), scale=scale)
     db_heads = None
     if want_db or dlse is not None:
-        db_heads, dq_x, dk_x = _slab_pass(q, k, v, key_bias, dout, dlse, scale, causal,
-                                          want_db)
-        if dlse is not None:
-            gq, gk = dq_x.add_(gq), dk_x.add_(gk)
+        gq, gk, gv, db_heads = _slab_backward(q, k, v, key_bias, dout, dlse, scale, causal)
+    else:
+        # the kernel's own convention for fully masked rows (P = exp(-inf - 0) = 0)
+        lse_k = lse.masked_fill(lse == _NEG_INF, 0.0)
+        gq, gk, gv = _BWD(dout, q, k, v, out, lse_k, 0.0, causal,
+                          attn_mask=_mask(key_bias, q.dtype, k.shape[2]), scale=scale)
     if dcls is not None:
         # the CLS row: every head's row 0 receives dcls / H (rank one, row 0 only)
         p0 = _row0_probs(q, k, key_bias, scale, causal)  # (B, H, Nk)
