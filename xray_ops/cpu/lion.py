@@ -20,13 +20,16 @@ from . import _parallel
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _lion_piece(p, g, m, lo, hi, decay, lr, beta1, beta2):
     one = p.dtype.type(1.0)
-    for i in range(lo, hi):
-        gi = g[i]
-        mi = m[i]
+    # slices first, then a loop from 0: LLVM vectorizes this loop; indexed from lo to hi it
+    # did not (13x slower: 184 ms against 14 ms for ViT-S's 22 M parameters on one core)
+    ps, gs, ms = p[lo:hi], g[lo:hi], m[lo:hi]
+    for i in range(ps.shape[0]):
+        gi = gs[i]
+        mi = ms[i]
         c = mi * beta1 + gi * (one - beta1)
         u = one if c > 0 else (-one if c < 0 else c)  # sign (0 stays 0, NaN stays NaN)
-        p[i] = p[i] * decay - lr * u
-        m[i] = mi * beta2 + gi * (one - beta2)
+        ps[i] = ps[i] * decay - lr * u
+        ms[i] = mi * beta2 + gi * (one - beta2)
 
 
 def lion_step(params, grads, exp_avgs, lr: float, beta1: float, beta2: float,
