@@ -75,13 +75,16 @@ def _bwd_rows(gy, gs, s, branch, g, w, mean, rstd, has_gs, has_g, ds, dx, dw, db
         m, rs = mean[i], rstd[i]
         c1 = np.float32(0.0)
         c2 = np.float32(0.0)
+        # two loops, not one: with six arrays in one loop LLVM's alias checks outgrew its
+        # limit and the loop stayed scalar
         for j in range(C):
             xh = (s[i, j] - m) * rs
             xhat[j] = xh
             gh = gy[i, j] * w[j]
             c1 += gh * xh
             c2 += gh
-            dw_acc[j] += gy[i, j] * xh
+        for j in range(C):
+            dw_acc[j] += gy[i, j] * xhat[j]
             db_acc[j] += gy[i, j]
         c1 *= inv_c
         c2 *= inv_c
