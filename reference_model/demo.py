@@ -369,8 +369,11 @@ def run(out: str = "runs/demo", device: str = "auto", quick: bool = False) -> di
     cpu["total"] = cpu_time() - c0
     plot_speed(speed, os.path.join(out, "speed.png"))
 
+    from .train.bench import _commit  # the code that made these figures
+
     summary = {
         "config": cfg.model, "device": device_name(dev), "data": data_desc,
+        "commit": _commit(), "torch": torch.__version__,
         "stages": {s: {"steps": v["steps"], "final_loss": v["final_loss"],
                        "seconds": v["seconds"], "cpu_seconds": v.get("cpu_seconds"),
                        "samples": v.get("samples")} for s, v in tr["stages"].items()},
