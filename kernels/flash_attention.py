@@ -660,7 +660,8 @@ def cls_attn_forward(q, k, key_bias, lse, scale: float, causal: bool, *, out=Non
     d0, d1 = head_dim_blocks(D)
     has_bias = key_bias is not None
     cfg = CLS_CONFIGS[0]
-    block_n = cfg.kwargs["BLOCK_N"]
+    # above D = 128 half the keys per program: 64 spilled 8 B per thread at D = 192 (sm_90)
+    block_n = cfg.kwargs["BLOCK_N"] if D <= 128 or INTERPRETING else 32
     _cls_attn_kernel[(triton.cdiv(N_K, block_n) * B,)](
         q, k, key_bias if has_bias else q, lse, out, cu_q, cu_k,
         *bhnd_strides(q, varlen), *bhnd_strides(k, varlen), *bn_strides(key_bias, varlen),
