@@ -122,10 +122,7 @@ class ClipViTPatch(nn.Module):
 
     def set_step(self, step: int) -> None:
         """Advance EViT's keep-rate schedule to optimizer step ``step`` (every location)."""
-        for blk in self.transformer.resblocks:
-            select = getattr(blk, "evit", None)
-            if select is not None:
-                select.set_step(step)
+        _state.set_evit_step(self.transformer.resblocks, step)
 
     def extra_repr(self) -> str:
         return self._xo_state.describe()

@@ -148,3 +148,11 @@ def default_int8_filter(keep_float: tuple[str, ...]) -> Callable[[nn.Module, str
         return not any(part in keep_float for part in name.split("."))
 
     return filter_fn
+
+
+def set_evit_step(blocks, step: int) -> None:
+    """Advance the EViT keep-rate schedule of every patched block in ``blocks`` to ``step``."""
+    for blk in blocks:
+        select = getattr(blk, "evit", None)
+        if select is not None:
+            select.set_step(step)

@@ -130,10 +130,7 @@ class TimmViTPatch(nn.Module):
 
     def set_step(self, step: int) -> None:
         """Advance EViT's keep-rate schedule to optimizer step ``step`` (every location)."""
-        for blk in self.blocks:
-            select = getattr(blk, "evit", None)
-            if select is not None:
-                select.set_step(step)
+        _state.set_evit_step(self.blocks, step)
 
     def extra_repr(self) -> str:
         return self._xo_state.describe()
